@@ -1,0 +1,270 @@
+"""Tests of the roofline latency model and of the profiles shipped in ``profiles/``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from andes.latency import LatencyProfile, list_profiles, load_profile, profiles_dir
+
+PROFILES = list_profiles()
+GPU_PROFILES = [
+    "a100-opt13b",
+    "a100-40g-opt13b",
+    "a40-opt13b",
+    "a100-llama2-7b",
+    "h100-llama3-8b",
+]
+
+# vLLM CPU backend, tiny random Llama, f32 eager: mean seconds per engine step by batch size,
+# prompts of ~13 tokens and 128 new tokens (mean context 13 + 64 = 77 tokens per sequence).
+CPU_TINY_MEASURED = {1: 0.0027, 8: 0.0032, 32: 0.0050, 64: 0.0065}
+CPU_TINY_MEAN_CONTEXT = 77.0
+
+batches = st.floats(min_value=0.0, max_value=512.0, allow_nan=False)
+contexts = st.floats(min_value=0.0, max_value=500_000.0, allow_nan=False)
+prefills = st.floats(min_value=0.0, max_value=20_000.0, allow_nan=False)
+increments = st.floats(min_value=0.0, max_value=10_000.0, allow_nan=False)
+
+
+def _profile_json(name: str) -> dict[str, Any]:
+    with (profiles_dir() / f"{name}.json").open() as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+# --- the shipped profiles ---------------------------------------------------------------------
+
+
+def test_expected_profiles_are_present() -> None:
+    assert set(GPU_PROFILES) | {"cpu-tiny"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_loads_and_validates(name: str) -> None:
+    profile = load_profile(name)
+    profile.validate()
+    assert profile.name == name
+    assert profile.kv_capacity_tokens == profile.kv_blocks_total * profile.block_size
+    assert profile.max_batched_tokens >= 1
+    assert profile.provenance, "every profile must say where its numbers come from"
+    # The JSON file round-trips through the dataclass unchanged.
+    assert profile.to_json() == _profile_json(name)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_loads_by_path(name: str) -> None:
+    by_path = load_profile(profiles_dir() / f"{name}.json")
+    assert by_path == load_profile(name)
+
+
+@pytest.mark.parametrize("name", GPU_PROFILES)
+def test_gpu_profile_matches_its_documented_derivation(name: str) -> None:
+    """The coefficients are what the formulas in the provenance give from its own figures."""
+    profile = load_profile(name)
+    prov = profile.provenance
+    assert prov["kind"] == "roofline-derived"
+    hw, model, assume = prov["hardware"], prov["model"], prov["assumptions"]
+    assert hw["sources"] and model["sources"]
+
+    dtype_bytes = model["dtype_bytes"]
+    weight_bytes = model["params"] * dtype_bytes
+    kv_bpt = 2 * model["layers"] * model["kv_heads"] * model["head_dim"] * dtype_bytes
+    bandwidth = hw["memory_bandwidth_GBps"] * 1e9 * assume["mem_efficiency"]
+    flops = hw["peak_dense_fp16_tflops"] * 1e12 * assume["mfu"]
+    link = hw["host_link"]["peak_GBps_per_direction"] * 1e9 * assume["host_link_efficiency"]
+    budget = (
+        hw["memory_bytes"] * prov["serving_config"]["gpu_memory_utilization"]
+        - weight_bytes
+        - assume["activation_reserve_bytes"]
+    )
+
+    rel = 1e-5
+    assert profile.weights_read_s == pytest.approx(weight_bytes / bandwidth, rel=rel)
+    assert profile.kv_read_s_per_token == pytest.approx(kv_bpt / bandwidth, rel=rel)
+    assert profile.compute_s_per_token == pytest.approx(2 * model["params"] / flops, rel=rel)
+    assert profile.swap_s_per_token == pytest.approx(kv_bpt / link, rel=rel)
+    assert profile.step_overhead_s == assume["step_overhead_s"]
+    assert profile.kv_blocks_total == math.floor(budget / (kv_bpt * profile.block_size))
+    assert prov["derived"]["kv_capacity_tokens"] == profile.kv_capacity_tokens
+    assert profile.block_size == prov["serving_config"]["block_size"] == 16
+    assert profile.max_batch == prov["serving_config"]["max_num_seqs"] == 256
+    assert profile.max_batched_tokens == prov["serving_config"]["max_num_batched_tokens"] == 8192
+
+
+def test_llama3_uses_grouped_query_attention() -> None:
+    prov = load_profile("h100-llama3-8b").provenance
+    assert prov["model"]["kv_heads"] == 8
+    assert prov["derived"]["kv_bytes_per_token"] == 2 * 32 * 8 * 128 * 2
+
+
+def test_a100_opt13b_decode_step_is_tens_of_ms() -> None:
+    profile = load_profile("a100-opt13b")
+    step = profile.iteration_time(128, 128 * 330.0)
+    assert 0.010 < step < 0.200
+    # Near the KV-bound batch of the Andes setting (~150 requests of ~330 tokens).
+    assert 0.010 < profile.iteration_time(150, 150 * 330.0) < 0.100
+
+
+def test_a100_40g_has_less_kv_than_a100_80g() -> None:
+    small, large = load_profile("a100-40g-opt13b"), load_profile("a100-opt13b")
+    assert small.kv_capacity_tokens < large.kv_capacity_tokens
+    assert small.compute_s_per_token == large.compute_s_per_token
+
+
+def test_cpu_tiny_is_a_marked_placeholder() -> None:
+    prov = load_profile("cpu-tiny").provenance
+    assert prov["kind"] == "placeholder"
+    assert "worker" in prov["replace_with"]
+
+
+@pytest.mark.parametrize(("batch", "measured"), sorted(CPU_TINY_MEASURED.items()))
+def test_cpu_tiny_reproduces_measured_step_times(batch: int, measured: float) -> None:
+    profile = load_profile("cpu-tiny")
+    predicted = profile.iteration_time(float(batch), batch * CPU_TINY_MEAN_CONTEXT)
+    assert predicted == pytest.approx(measured, rel=0.25)
+
+
+# --- properties of the model ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PROFILES)
+@settings(max_examples=50, deadline=None)
+@given(b=batches, ctx=contexts, pre=prefills, db=increments, dctx=increments, dpre=increments)
+def test_iteration_time_is_monotone(
+    name: str, b: float, ctx: float, pre: float, db: float, dctx: float, dpre: float
+) -> None:
+    profile = load_profile(name)
+    base = profile.iteration_time(b, ctx, pre)
+    assert base >= profile.step_overhead_s
+    assert profile.iteration_time(b + db, ctx, pre) >= base
+    assert profile.iteration_time(b, ctx + dctx, pre) >= base
+    assert profile.iteration_time(b, ctx, pre + dpre) >= base
+    assert profile.iteration_time(b + db, ctx + dctx, pre + dpre) >= base
+
+
+@pytest.mark.parametrize("name", PROFILES)
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.lists(st.tuples(batches, contexts, prefills), min_size=1, max_size=20),
+)
+def test_iteration_time_is_vectorized(name: str, rows: list[tuple[float, float, float]]) -> None:
+    profile = load_profile(name)
+    b = np.array([r[0] for r in rows], dtype=np.float64)
+    ctx = np.array([r[1] for r in rows], dtype=np.float64)
+    pre = np.array([r[2] for r in rows], dtype=np.float64)
+
+    vector = profile.iteration_time(b, ctx, pre)
+    assert isinstance(vector, np.ndarray)
+    assert vector.shape == b.shape
+    scalar = [profile.iteration_time(float(x), float(y), float(z)) for x, y, z in rows]
+    np.testing.assert_allclose(vector, scalar, rtol=1e-12, atol=0.0)
+
+    # Scalars broadcast against an array argument.
+    broadcast = profile.iteration_time(b, 1000.0)
+    np.testing.assert_allclose(
+        broadcast, [profile.iteration_time(float(x), 1000.0) for x in b], rtol=1e-12, atol=0.0
+    )
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_scalar_calls_return_python_floats(name: str) -> None:
+    profile = load_profile(name)
+    assert type(profile.iteration_time(4, 400)) is float
+    assert type(profile.token_latency(4.0, 100.0)) is float
+    batch = np.array([1.0, 2.0, 4.0])
+    latency = profile.token_latency(batch, 100.0)
+    np.testing.assert_allclose(latency, profile.iteration_time(batch, batch * 100.0))
+
+
+@pytest.mark.parametrize("name", PROFILES)
+@settings(max_examples=50, deadline=None)
+@given(chunks=st.integers(min_value=0, max_value=20), rest=st.floats(min_value=0.0, max_value=1.0))
+def test_prefill_time_is_additive_across_chunks(name: str, chunks: int, rest: float) -> None:
+    profile = load_profile(name)
+    chunk = float(profile.max_batched_tokens)
+    remainder = math.floor(rest * (chunk - 1))
+    total = chunks * chunk + remainder
+    expected = chunks * profile.prefill_time(chunk) + profile.prefill_time(remainder)
+    assert profile.prefill_time(total) == pytest.approx(expected, rel=1e-12)
+    # A full chunk is one iteration with that many prefill tokens.
+    assert profile.prefill_time(chunk) == pytest.approx(profile.iteration_time(0.0, 0.0, chunk))
+
+
+@pytest.mark.parametrize("name", PROFILES)
+@settings(max_examples=50, deadline=None)
+@given(tokens=st.floats(min_value=0.0, max_value=100_000.0), extra=increments)
+def test_prefill_time_is_monotone(name: str, tokens: float, extra: float) -> None:
+    profile = load_profile(name)
+    assert profile.prefill_time(tokens + extra) >= profile.prefill_time(tokens)
+    assert profile.recompute_time(tokens) == profile.prefill_time(tokens)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_prefill_and_swap_edge_cases(name: str) -> None:
+    profile = load_profile(name)
+    assert profile.prefill_time(0) == 0.0
+    assert profile.prefill_time(-5) == 0.0
+    assert profile.prefill_time(1) >= profile.step_overhead_s + profile.weights_read_s
+    assert profile.swap_time(0) == 0.0
+    assert profile.swap_time(500) == pytest.approx(500 * profile.swap_s_per_token)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_unknown_profile_name_raises() -> None:
+    with pytest.raises(ValueError, match=r"unknown latency profile 'no-such-gpu'") as err:
+        load_profile("no-such-gpu")
+    assert "a100-opt13b" in str(err.value), "the message lists the known profiles"
+
+
+def test_missing_profile_path_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown latency profile"):
+        load_profile(tmp_path / "absent.json")
+
+
+def test_unknown_json_field_raises(tmp_path: Path) -> None:
+    data = _profile_json("a100-opt13b")
+    data["hbm_bandwidth"] = 2.0e12
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"unknown latency profile fields: \['hbm_bandwidth'\]"):
+        load_profile(path)
+    with pytest.raises(ValueError, match="hbm_bandwidth"):
+        LatencyProfile.from_json(data)
+
+
+def test_profiles_dir_can_be_overridden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _profile_json("cpu-tiny") | {"name": "elsewhere"}
+    (tmp_path / "elsewhere.json").write_text(json.dumps(data))
+    monkeypatch.setenv("ANDES_PROFILES_DIR", str(tmp_path))
+    assert list_profiles() == ["elsewhere"]
+    assert load_profile("elsewhere").name == "elsewhere"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("step_overhead_s", -0.001),
+        ("weights_read_s", float("nan")),
+        ("kv_read_s_per_token", float("inf")),
+        ("compute_s_per_token", -1.0),
+        ("swap_s_per_token", -1e-6),
+        ("block_size", 0),
+        ("kv_blocks_total", -3),
+        ("max_batch", 0),
+        ("max_batched_tokens", 0),
+    ],
+)
+def test_invalid_values_raise(field: str, value: float) -> None:
+    data = _profile_json("a100-opt13b") | {field: value}
+    with pytest.raises(ValueError, match=field):
+        LatencyProfile.from_json(data)
