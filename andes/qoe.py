@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
-ArrayLike = FloatArray | float
+ArrayLike = npt.ArrayLike
 
 
 def _check_spec(ttft: float, tds: float) -> None:
@@ -38,27 +38,32 @@ def _check_spec(ttft: float, tds: float) -> None:
         raise ValueError(f"tds must be a positive finite number of tokens/s, got {tds!r}")
 
 
-def whole_area(t_end: ArrayLike, ttft: ArrayLike, d: ArrayLike, n: ArrayLike) -> ArrayLike:
+def whole_area(
+    t_end: ArrayLike, ttft: ArrayLike, d: ArrayLike, n: ArrayLike
+) -> FloatArray | float:
     """Area under the expected curve ``clip((t - tau)/d, 0, n)`` from 0 to ``t_end``."""
-    span = np.maximum(np.asarray(t_end, dtype=np.float64) - ttft, 0.0)
-    ramp_end = np.asarray(n, dtype=np.float64) * d
-    on_ramp = span * span / (2.0 * np.asarray(d, dtype=np.float64))
+    count = np.asarray(n, dtype=np.float64)
+    step = np.asarray(d, dtype=np.float64)
+    span = np.maximum(np.asarray(t_end, dtype=np.float64) - np.asarray(ttft), 0.0)
+    ramp_end = count * step
+    on_ramp = span * span / (2.0 * step)
     with np.errstate(invalid="ignore"):  # n may be unbounded (inf): then on_ramp applies
-        past_ramp = np.asarray(n, dtype=np.float64) * span - ramp_end * np.asarray(n) / 2.0
+        past_ramp = count * span - ramp_end * count / 2.0
     area = np.where(span < ramp_end, on_ramp, past_ramp)
     return float(area) if np.ndim(area) == 0 else area
 
 
 def qoe_from_state(
     count: ArrayLike, digest_max: ArrayLike, delay_sum: ArrayLike, ttft: ArrayLike, tds: ArrayLike
-) -> ArrayLike:
+) -> FloatArray | float:
     """QoE of finished responses from their summary (count k, running max M_k, S_delay)."""
     n = np.asarray(count, dtype=np.float64)
     d = 1.0 / np.asarray(tds, dtype=np.float64)
+    delay = np.asarray(delay_sum, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         t_end = np.asarray(digest_max, dtype=np.float64) + n * d
         whole = np.asarray(whole_area(t_end, ttft, d, n))
-        ratio = np.divide(delay_sum, whole, out=np.zeros_like(whole), where=whole > 0)
+        ratio = np.divide(delay, whole, out=np.zeros_like(whole), where=whole > 0)
     value = np.clip(1.0 - ratio, 0.0, 1.0)
     value = np.where(n > 0, value, 0.0)
     return float(value) if np.ndim(value) == 0 else value
@@ -164,7 +169,8 @@ class TokenPacer:
 
     def qoe(self) -> float:
         """QoE of the response so far, as if it ended now."""
-        return float(qoe_from_state(self.count, self.digest_max, self.delay_sum, self.ttft, self.tds))
+        summary = qoe_from_state(self.count, self.digest_max, self.delay_sum, self.ttft, self.tds)
+        return float(summary)
 
 
 def predict_qoe(
@@ -179,7 +185,7 @@ def predict_qoe(
     token_latency: ArrayLike,
     start_delay: ArrayLike = 0.0,
     served: bool = True,
-    max_count: ArrayLike = np.inf,
+    max_count: ArrayLike = math.inf,
 ) -> FloatArray:
     """QoE each request will have at ``now + horizon`` (times relative to its arrival).
 

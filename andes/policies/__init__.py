@@ -9,7 +9,7 @@ from __future__ import annotations
 from andes.policies.andes import AndesPolicy
 from andes.policies.base import Plan, Policy, PreemptionMode, RequestTable, Snapshot, State
 from andes.policies.fcfs import FcfsPolicy
-from andes.policies.lqf import LeastQoeFirstPolicy
+from andes.policies.lqf import least_qoe_first
 from andes.policies.rr import RoundRobinPolicy
 
 POLICY_NAMES = ("fcfs", "rr", "lqf", "andes", "andes-exact")
@@ -18,7 +18,6 @@ __all__ = [
     "POLICY_NAMES",
     "AndesPolicy",
     "FcfsPolicy",
-    "LeastQoeFirstPolicy",
     "Plan",
     "Policy",
     "PreemptionMode",
@@ -26,6 +25,7 @@ __all__ = [
     "RoundRobinPolicy",
     "Snapshot",
     "State",
+    "least_qoe_first",
     "make_policy",
 ]
 
@@ -38,7 +38,7 @@ def make_policy(name: str, *, preemption_mode: str = "recompute") -> Policy:
     if name == "rr":
         return RoundRobinPolicy(preemption_mode=mode)
     if name == "lqf":
-        return LeastQoeFirstPolicy(preemption_mode=mode)
+        return least_qoe_first(mode)
     if name == "andes":
         return AndesPolicy(preemption_mode=mode)
     if name == "andes-exact":

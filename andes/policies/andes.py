@@ -20,7 +20,7 @@ Each planning step (paper, section 4):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from andes.policies.base import (
     Snapshot,
     State,
     blocks_for,
+    in_states,
 )
 from andes.policies.outlook import Outlook, make_outlook, token_latencies
 from andes.qoe import predict_qoe
@@ -91,6 +92,8 @@ class AndesPolicy:
     kv_reserve: float = 0.03
     """Fraction of KV left free for decode growth until the next plan."""
     max_candidates: int = 8
+    memory_aware: bool = True
+    """Rank by QoE gain per KV block (Andes); False ranks by gain alone (the LQF baseline)."""
     name: str = field(default="andes")
 
     def plan(self, snapshot: Snapshot) -> Plan:
@@ -98,7 +101,7 @@ class AndesPolicy:
         if len(table) == 0:
             return Plan()
         state = table.state
-        holds = np.isin(state, HOLDS_KV)
+        holds = in_states(state, HOLDS_KV)
         weights = blocks_for(table.context_tokens, snapshot.block_size)
         capacity = int(snapshot.kv_blocks_total * (1.0 - self.kv_reserve))
         demand = int(weights.sum())
@@ -116,10 +119,13 @@ class AndesPolicy:
         # The preemption cap pins running requests under memory pressure; pausing (latency
         # pressure) frees no memory and costs no recompute, so it is not capped.
         protected = holds & (table.preemptions >= self.max_preemptions) & memory_pressure
+        rank_weights = weights if self.memory_aware else np.ones_like(weights)
         if self.solver == "exact":
             choice = knapsack.exact(values, weights, capacity, sizes)
         else:
-            choice = knapsack.greedy(values, weights, capacity, sizes, must=protected)
+            choice = knapsack.greedy(
+                values, weights, capacity, sizes, must=protected, rank_weights=rank_weights
+            )
         selected = choice.selected | protected
         gain = values[choice.candidate]
         return self._refine(snapshot, outlook, choice.candidate, selected, gain, choice.priority,
@@ -127,16 +133,19 @@ class AndesPolicy:
 
     def _values(self, outlook: Outlook) -> FloatArray:
         q_serve, q_wait = outlook.q_serve, outlook.q_wait[None, :]
+        gain: FloatArray = np.maximum(q_serve - q_wait, 0.0)
         if self.objective == "avg":
-            return np.maximum(q_serve - q_wait, 0.0)
+            return gain
         if self.objective == "min":
             floor = q_serve.min(axis=1, keepdims=True)
             # Raise the floor first; the average gain breaks ties among those above it.
-            return np.maximum(floor - q_wait, 0.0) + 1e-3 * np.maximum(q_serve - q_wait, 0.0)
+            lifted: FloatArray = np.maximum(floor - q_wait, 0.0) + 1e-3 * gain
+            return lifted
         perfect_now = q_wait >= 1.0 - 1e-9
         served_perfect = q_serve >= 1.0 - 1e-9
         at_risk = ~perfect_now & served_perfect
-        return at_risk.astype(np.float64) + 1e-3 * np.maximum(q_serve - q_wait, 0.0)
+        value = at_risk.astype(np.float64) + 1e-3 * np.maximum(q_serve - q_wait, 0.0)
+        return np.asarray(value, dtype=np.float64)
 
     def _refine(
         self,
@@ -152,7 +161,7 @@ class AndesPolicy:
         """Turn the selected set into plan actions under the preemption controls."""
         table = snapshot.requests
         state = table.state
-        holds = np.isin(state, HOLDS_KV)
+        holds = in_states(state, HOLDS_KV)
         weights = outlook.kv_weight
         ids = table.request_id
         reserve = int(snapshot.kv_blocks_total * self.kv_reserve)
@@ -169,13 +178,15 @@ class AndesPolicy:
         victims = np.flatnonzero(holds & ~selected & (table.preemptions < self.max_preemptions))
         victims = victims[np.argsort(priority[victims], kind="stable")]
 
-        # A stall costs at least what the worker's time is worth under this plan: the QoE
-        # the selected batch gains per second (its opportunity cost), and at least the QoE
-        # everyone in the system loses while it lasts.
-        opportunity = float(gain[selected].sum()) / self.horizon_s
-        stall_rate = max(
-            opportunity, self._stall_loss_rate(snapshot, outlook, candidate, selected)
-        )
+        stall_rate = 0.0
+        if victims.size and self.overhead_aware:
+            # A stall costs at least what the worker's time is worth under this plan: the
+            # QoE the selected batch gains per second (its opportunity cost), and at least
+            # the QoE everyone in the system loses while it lasts.
+            opportunity = float(gain[selected].sum()) / self.horizon_s
+            stall_rate = max(
+                opportunity, self._stall_loss_rate(snapshot, outlook, candidate, selected)
+            )
         victim_loss = self._victim_loss(snapshot, outlook, candidate, victims)
         accepted = np.zeros(len(table), dtype=bool)
         chosen_victims: list[int] = []
@@ -213,7 +224,7 @@ class AndesPolicy:
         if victims.size == 0:
             return loss
         rows = victims
-        common = {
+        common: dict[str, Any] = {
             "now": snapshot.now_s - table.arrival_s[rows],
             "horizon": self.victim_horizon_s,
             "ttft": table.ttft_s[rows],
@@ -244,7 +255,7 @@ class AndesPolicy:
         system: the selected ones' next tokens, and the service the others are waiting for.
         """
         table = snapshot.requests
-        common = {
+        common: dict[str, Any] = {
             "now": snapshot.now_s - table.arrival_s,
             "ttft": table.ttft_s,
             "tds": table.tds,
@@ -286,7 +297,7 @@ def _actions(
     ids = table.request_id
     order = np.argsort(-priority, kind="stable")
     keep_sorted = order[keep[order]]
-    resumable = np.isin(state[keep_sorted], (State.PREEMPTED, State.SWAPPED, State.PAUSED))
+    resumable = in_states(state[keep_sorted], (State.PREEMPTED, State.SWAPPED, State.PAUSED))
     waiting = state[keep_sorted] == State.WAITING
     # Queued but no longer selected: take them out of the engine's queue.
     dequeue = ids[(state == State.QUEUED) & ~keep]

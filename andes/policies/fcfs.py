@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from andes.policies.base import Plan, PreemptionMode, Snapshot, State
+from andes.policies.base import Plan, PreemptionMode, Snapshot, State, in_states
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class FcfsPolicy:
         order = np.argsort(table.arrival_s, kind="stable")
         state = table.state[order]
         ids = table.request_id[order]
-        back = np.isin(state, (State.PREEMPTED, State.SWAPPED, State.PAUSED))
+        back = in_states(state, (State.PREEMPTED, State.SWAPPED, State.PAUSED))
         return Plan(
             resume=tuple(int(i) for i in ids[back]),
             admit=tuple(int(i) for i in ids[state == State.WAITING]),

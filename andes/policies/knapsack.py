@@ -18,6 +18,9 @@ import numpy as np
 
 from andes.policies.base import FloatArray, IntArray
 
+EXACT_MAX_CELLS = 20_000_000
+"""Largest DP table (requests x batch x KV blocks) the exact solver builds."""
+
 _FILL_PASSES = 2
 """Extra passes that fill capacity left by an item that did not fit (skip-and-continue)."""
 
@@ -39,19 +42,50 @@ def greedy(
     capacity: int,
     batch_sizes: IntArray,
     must: np.ndarray | None = None,
+    rank_weights: IntArray | None = None,
 ) -> Selection:
-    """Greedy by value density for every candidate at once; ``must`` rows are taken first."""
+    """Greedy by value density for every candidate at once; ``must`` rows are taken first.
+
+    ``rank_weights`` (default: ``weights``) divide the values for ranking only; capacity is
+    always checked with ``weights``.
+    """
     count = weights.size
     values = np.atleast_2d(values)
     n_cand = values.shape[0]
-    safe_weights = np.maximum(weights, 1).astype(np.float64)
+    ranking = weights if rank_weights is None else rank_weights
+    safe_weights = np.maximum(ranking, 1).astype(np.float64)
     priority = values / safe_weights[None, :]
     if must is not None:
         priority = np.where(must[None, :], np.inf, priority)
     order = np.argsort(-priority, axis=1, kind="stable")
+    take = _pack(order, weights, capacity, batch_sizes)
+    objective = np.where(take, np.take_along_axis(values, order, axis=1), 0.0).sum(axis=1)
+    # Ties go to the larger batch: same QoE, more throughput.
+    best = int(n_cand - 1 - np.argmax(objective[::-1]))
+    selected = np.zeros(count, dtype=bool)
+    selected[order[best][take[best]]] = True
+    best_objective = float(objective[best])
+    # Density ordering fails when one valuable request is large; packing by value alone at
+    # the winning batch size covers that case (the classic greedy-knapsack safeguard).
+    by_value = np.argsort(-np.where(np.isinf(priority[best]), np.inf, values[best]), kind="stable")
+    take_v = _pack(by_value[None, :], weights, capacity, batch_sizes[best : best + 1])[0]
+    value_objective = float(values[best][by_value[take_v]].sum())
+    if value_objective > best_objective + 1e-12:
+        selected = np.zeros(count, dtype=bool)
+        selected[by_value[take_v]] = True
+        best_objective = value_objective
+    return Selection(best, selected, best_objective, priority[best])
+
+
+def _pack(
+    order: IntArray, weights: IntArray, capacity: int, batch_sizes: IntArray
+) -> np.ndarray:
+    """Take items in each row's order while they fit (count and KV), skipping misfits."""
     w_sorted = weights[order]
-    rank_limit = batch_sizes[:, None]
-    take = (np.cumsum(w_sorted, axis=1) <= capacity) & (np.arange(count)[None, :] < rank_limit)
+    count = order.shape[1]
+    take = (np.cumsum(w_sorted, axis=1) <= capacity) & (
+        np.arange(count)[None, :] < batch_sizes[:, None]
+    )
     for _ in range(_FILL_PASSES):
         room = capacity - np.where(take, w_sorted, 0).sum(axis=1)
         slots = batch_sizes - take.sum(axis=1)
@@ -62,14 +96,7 @@ def greedy(
         if not more.any():
             break
         take |= more
-    selected_sorted = take
-    v_sorted = np.take_along_axis(values, order, axis=1)
-    objective = np.where(selected_sorted, v_sorted, 0.0).sum(axis=1)
-    # Ties go to the larger batch: same QoE, more throughput.
-    best = int(n_cand - 1 - np.argmax(objective[::-1]))
-    selected = np.zeros(count, dtype=bool)
-    selected[order[best][selected_sorted[best]]] = True
-    return Selection(best, selected, float(objective[best]), priority[best])
+    return take
 
 
 def exact(
@@ -78,6 +105,12 @@ def exact(
     """Optimal selection by dynamic programming over (item count, KV used); small inputs only."""
     values = np.atleast_2d(values)
     count = weights.size
+    table_cells = count * (min(int(batch_sizes.max(initial=0)), count) + 1) * (capacity + 1)
+    if table_cells > EXACT_MAX_CELLS:
+        raise ValueError(
+            f"the exact solver is for validation on small instances: {count} requests x "
+            f"{capacity} KV blocks needs {table_cells} DP cells (limit {EXACT_MAX_CELLS})"
+        )
     best_obj = -np.inf
     best_c = 0
     best_mask = np.zeros(count, dtype=bool)

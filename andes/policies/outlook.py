@@ -8,10 +8,11 @@ and batch-size candidates.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from andes.policies.base import FloatArray, IntArray, Snapshot, State, blocks_for
+from andes.policies.base import FloatArray, IntArray, Snapshot, State, blocks_for, in_states
 from andes.qoe import predict_qoe
 
 
@@ -36,7 +37,7 @@ def start_delays(snapshot: Snapshot) -> FloatArray:
     table = snapshot.requests
     profile = snapshot.profile
     context = table.context_tokens.astype(np.float64)
-    needs_prefill = np.isin(table.state, (State.WAITING, State.QUEUED, State.PREEMPTED))
+    needs_prefill = in_states(table.state, (State.WAITING, State.QUEUED, State.PREEMPTED))
     swapped = table.state == State.SWAPPED
     return np.where(
         needs_prefill,
@@ -59,7 +60,7 @@ def make_outlook(snapshot: Snapshot, batch_sizes: IntArray, horizon_s: float) ->
     now = snapshot.now_s - table.arrival_s
     delays = start_delays(snapshot)
     latency = token_latencies(snapshot, batch_sizes)
-    common = {
+    common: dict[str, Any] = {
         "now": now,
         "horizon": horizon_s,
         "ttft": table.ttft_s,

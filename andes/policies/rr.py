@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from andes.policies.base import HOLDS_KV, Plan, PreemptionMode, Snapshot, State, blocks_for
+from andes.policies.base import (
+    HOLDS_KV,
+    Plan,
+    PreemptionMode,
+    Snapshot,
+    State,
+    blocks_for,
+    in_states,
+)
 
 
 @dataclass(frozen=True)
@@ -27,14 +35,14 @@ class RoundRobinPolicy:
         state = table.state
         ids = table.request_id
         weights = blocks_for(table.context_tokens, snapshot.block_size)
-        outside = np.isin(state, (State.WAITING, State.PREEMPTED, State.SWAPPED))
+        outside = in_states(state, (State.WAITING, State.PREEMPTED, State.SWAPPED))
         # Queue order: least recently served first (never served: -1), then arrival.
         queue = np.flatnonzero(outside)
         queue = queue[np.lexsort((table.arrival_s[queue], table.admitted_seq[queue]))]
         need = int(weights[queue].sum())
         free = snapshot.kv_blocks_free
         expired = np.flatnonzero(
-            np.isin(state, HOLDS_KV) & (table.served_since_admit >= self.quantum_tokens)
+            in_states(state, HOLDS_KV) & (table.served_since_admit >= self.quantum_tokens)
         )
         expired = expired[np.argsort(table.admitted_seq[expired], kind="stable")]
         preempt: list[int] = []
@@ -43,7 +51,7 @@ class RoundRobinPolicy:
                 break
             preempt.append(int(row))
             free += int(weights[row])
-        resumable = np.isin(state[queue], (State.PREEMPTED, State.SWAPPED))
+        resumable = in_states(state[queue], (State.PREEMPTED, State.SWAPPED))
         return Plan(
             preempt=tuple(int(ids[r]) for r in preempt),
             resume=tuple(int(i) for i in ids[queue[resumable]]),

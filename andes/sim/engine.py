@@ -226,7 +226,9 @@ class SimEngine:
                 state[row] = State.PAUSED
         for row in self.rows_of(plan.resume):
             if state[row] == State.PAUSED:
-                state[row] = State.RUNNING
+                # A paused request holds KV but still needs a batch slot to run again.
+                if np.count_nonzero(state == State.RUNNING) < self.max_batch:
+                    state[row] = State.RUNNING
             elif state[row] in (State.PREEMPTED, State.SWAPPED):
                 self._enqueue(int(row), front=True)
         for row in self.rows_of(plan.admit):
@@ -275,8 +277,9 @@ class SimEngine:
             self._pending_stall_s += self.profile.swap_time(context)
             state[row] = State.SWAPPED
         else:
-            state[row] = State.PREEMPTED if self._col("generated_tokens")[row] > 0 else State.WAITING
-            if state[row] == State.WAITING:
+            started = self._col("generated_tokens")[row] > 0
+            state[row] = State.PREEMPTED if started else State.WAITING
+            if not started:
                 # Preempted before its first token: it goes back to waiting for admission.
                 self._col("admitted_seq")[row] = -1
 

@@ -5,8 +5,8 @@ which Andes does only under memory or latency pressure. A snapshot written by ha
 to invent pacer summaries and KV footprints that agree with each other; instead a real
 :class:`~andes.sim.engine.SimEngine` is driven by the Andes policy, with ShareGPT-like requests
 of the reading mix arriving far faster than it serves them, until it holds the wanted number
-of unfinished requests. Every field is then what the simulator itself would plan on: a few
-hundred requests RUNNING with full KV, some PREEMPTED part-way through their answers, the rest
+of unfinished requests. Every field is then what the simulator itself would plan on: as many
+requests RUNNING as fill the KV, some PREEMPTED part-way through their answers, the rest
 WAITING since they arrived.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from andes.latency import load_profile
 from andes.policies import AndesPolicy, make_policy
-from andes.policies.base import Snapshot, blocks_for
+from andes.policies.base import Snapshot, State, blocks_for
 from andes.sim.engine import SimEngine
 from andes.workload import make_workload
 
@@ -112,7 +112,7 @@ def time_planner(
         plan = policy.plan(snapshot)
         elapsed_ms.append(1e3 * (time.perf_counter() - started))
         solver_runs += int(plan.solver_ran)
-    states = np.bincount(snapshot.requests.state, minlength=6)
+    states = np.bincount(snapshot.requests.state, minlength=len(State))
     return {
         "policy": policy_name,
         "requests": num_requests,
@@ -122,12 +122,5 @@ def time_planner(
         "solver_ran": solver_runs / repeats,
         "kv_blocks_total": snapshot.kv_blocks_total,
         "kv_blocks_free": snapshot.kv_blocks_free,
-        "states": {
-            "waiting": int(states[0]),
-            "queued": int(states[1]),
-            "running": int(states[2]),
-            "paused": int(states[3]),
-            "preempted": int(states[4]),
-            "swapped": int(states[5]),
-        },
+        "states": {state.name.lower(): int(states[state]) for state in State},
     }

@@ -1,0 +1,268 @@
+"""The ``andes`` command line: one ``_add_*`` function per command group, each registering its
+subcommands with the handler they run.
+
+Arguments are checked while parsing (profiles exist, spec strings parse, rates are positive),
+so a mistake ends in one line on stderr and exit status 2 before any simulation starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn, TypeAlias
+
+from andes import __version__
+from andes.latency import list_profiles, load_profile
+from andes.policies import POLICY_NAMES
+from andes.sim.snapshots import time_planner
+from andes.sim.sweep import Row, RunConfig, format_table, json_document, sweep
+from andes.workload import parse_arrival, parse_lengths, parse_qoe_mix
+
+Handler = Callable[[argparse.Namespace], int]
+Subcommands: TypeAlias = "argparse._SubParsersAction[_Parser]"
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error as one line, without the usage block that would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:  # --help, --version and usage errors
+        return exit_request.code if isinstance(exit_request.code, int) else USAGE_ERROR
+    handler: Handler = args.handler
+    return handler(args)
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="andes", description="QoE-aware LLM text streaming (Andes).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for add in (_add_sim, _add_bench, _add_demo):
+        add(commands)
+    return parser
+
+
+# -- argument types: each turns a bad value into argparse's one-line error ---------------------
+
+
+def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the string but rejects it with ``check``'s ValueError."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+        return text
+
+    return parse
+
+
+def _positive(kind: type[int] | type[float], *, zero_ok: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number > 0 (>= 0 with ``zero_ok``) of type ``kind``."""
+    bound = ">= 0" if zero_ok else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from err
+        if not (math.isfinite(value) and (value > 0 or (zero_ok and value == 0))):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_floats(text: str) -> list[float]:
+    return [_positive(float)(part) for part in text.split(",")]
+
+
+def _policy_names(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [name for name in names if name not in POLICY_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {unknown[0]!r}; expected some of {', '.join(POLICY_NAMES)}"
+        )
+    return names
+
+
+# -- sim -----------------------------------------------------------------------------------------
+
+
+def _add_sim(commands: Subcommands) -> None:
+    sim = commands.add_parser("sim", help="simulate policies on emulated workers")
+    sim_commands = sim.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    run = sim_commands.add_parser("run", help="one policy at one arrival rate")
+    _add_run_config(run)
+    run.add_argument("--policy", choices=POLICY_NAMES, required=True)
+    run.add_argument("--rate", type=_positive(float), required=True, help="requests/s")
+    run.add_argument("--json", type=Path, help="write the results here")
+    run.set_defaults(handler=_sim_run)
+
+    sweep = sim_commands.add_parser("sweep", help="several policies at several arrival rates")
+    _add_run_config(sweep)
+    sweep.add_argument("--policies", type=_policy_names, required=True, help="e.g. fcfs,andes")
+    sweep.add_argument("--rates", type=_positive_floats, required=True, help="e.g. 2,4,6")
+    sweep.add_argument("--jobs", type=_positive(int), default=os.cpu_count() or 1,
+                       help="processes running points in parallel (default: CPUs)")
+    sweep.add_argument("--json", type=Path, required=True, help="write the results here")
+    sweep.add_argument("--plot", type=Path, help="write the sweep figure (PNG) here")
+    sweep.add_argument("--per-request", action="store_true",
+                       help="also write every request's QoE and TTFT to the JSON")
+    sweep.set_defaults(handler=_sim_sweep)
+
+
+def _add_run_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", type=_checked(load_profile), required=True,
+                        help=f"latency profile: {', '.join(list_profiles())} or a JSON path")
+    parser.add_argument("--workload", type=_checked(parse_lengths), required=True,
+                        help="sharegpt, alpaca, arxiv or trace:FILE")
+    parser.add_argument("--qoe-mix", type=_checked(parse_qoe_mix), required=True,
+                        help="reading, voice or uniform:TTFT,TDS")
+    parser.add_argument("--arrival", type=_checked(parse_arrival), required=True,
+                        help="poisson, gamma:CV or burst:INTENSITY,FRACTION[,PERIOD_S]")
+    extent = parser.add_mutually_exclusive_group(required=True)
+    extent.add_argument("--duration", type=_positive(float), help="seconds of arrivals")
+    extent.add_argument("--requests", type=_positive(int), help="number of requests instead")
+    parser.add_argument("--workers", type=_positive(int), default=1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        profile=args.profile,
+        workload=args.workload,
+        qoe_mix=args.qoe_mix,
+        arrival=args.arrival,
+        duration_s=args.duration,
+        num_requests=args.requests,
+        workers=args.workers,
+        seed=args.seed,
+    )
+
+
+def _sim_run(args: argparse.Namespace) -> int:
+    return _sweep_and_report(args, [args.policy], [args.rate], jobs=1)
+
+
+def _sim_sweep(args: argparse.Namespace) -> int:
+    return _sweep_and_report(args, args.policies, args.rates, jobs=args.jobs, plot=args.plot,
+                             per_request=args.per_request)
+
+
+def _sweep_and_report(
+    args: argparse.Namespace,
+    policies: list[str],
+    rates: list[float],
+    *,
+    jobs: int,
+    plot: Path | None = None,
+    per_request: bool = False,
+) -> int:
+    config = _run_config(args)
+    try:
+        config.check(policies, rates)
+    except ValueError as err:
+        print(f"andes: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    report = sweep(config, policies, rates, jobs=jobs)
+    print(format_table(report["results"]))
+    capacity = ", ".join(f"{p} {r:g}" for p, r in report["capacity_at_qoe_0_9"].items())
+    print(f"capacity at average QoE >= 0.9 (requests/s): {capacity}")
+    if args.json:
+        document = json_document(report, per_request=per_request)
+        args.json.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    if plot:
+        _plot_sweep(report, plot)
+    return 0
+
+
+def _plot_sweep(report: Row, path: Path) -> None:
+    # Imported on use: matplotlib takes longer to import than the rest of the CLI together.
+    from andes.sim.plots import plot_sweep
+
+    plot_sweep(report, path)
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def _add_bench(commands: Subcommands) -> None:
+    bench = commands.add_parser("bench", help="micro-benchmarks")
+    bench_commands = bench.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    planner = bench_commands.add_parser(
+        "planner", help="time one plan of an overloaded worker's snapshot"
+    )
+    planner.add_argument("--policy", choices=POLICY_NAMES, default="andes")
+    planner.add_argument("--requests", type=_positive(int), required=True,
+                         help="unfinished requests on the worker")
+    planner.add_argument("--repeats", type=_positive(int), default=50)
+    planner.add_argument("--warmups", type=_positive(int, zero_ok=True), default=5)
+    planner.add_argument("--seed", type=int, default=0)
+    planner.add_argument("--json", type=Path, required=True, help="write the timings here")
+    planner.set_defaults(handler=_bench_planner)
+
+
+def _bench_planner(args: argparse.Namespace) -> int:
+    timing = time_planner(
+        args.policy, args.requests, repeats=args.repeats, warmups=args.warmups, seed=args.seed
+    )
+    print(f"{args.policy} planning {args.requests} requests: median {timing['median_ms']:.2f} ms,"
+          f" p99 {timing['p99_ms']:.2f} ms, solver ran in {timing['solver_ran']:.0%} of plans")
+    args.json.write_text(json.dumps(timing, indent=2) + "\n")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+DEMO_RATE = 9.0
+"""Requests/s: past what FCFS serves well on an A100 with OPT-13B, within what Andes does."""
+DEMO_ARRIVAL = "burst:2,0.35,60"
+"""Each minute opens with 21 s at twice the average rate: the surge Andes is made for."""
+
+DEMO_COLUMNS = (
+    ("policy", "policy", "s"),
+    ("average QoE", "avg_qoe", ".3f"),
+    ("p10 QoE", "p10_qoe", ".3f"),
+    ("TTFT p90 (s)", "ttft_p90_s", ".2f"),
+    ("throughput (tok/s)", "throughput_tok_s", ".0f"),
+)
+
+
+def _add_demo(commands: Subcommands) -> None:
+    demo = commands.add_parser(
+        "demo", help="FCFS vs Andes on a simulated A100 under bursty overload"
+    )
+    demo.add_argument("--plot", type=Path, default=Path("demo.png"), help="(default: demo.png)")
+    demo.add_argument("--jobs", type=_positive(int), default=min(2, os.cpu_count() or 1))
+    demo.add_argument("--duration", type=_positive(float), default=300.0, help=argparse.SUPPRESS)
+    demo.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = RunConfig(profile="a100-opt13b", workload="sharegpt", qoe_mix="reading",
+                       arrival=DEMO_ARRIVAL, duration_s=args.duration)
+    print(f"Simulating {args.duration:g} s of ShareGPT-like chat on one A100 serving OPT-13B: "
+          f"{DEMO_RATE:g} requests/s on average, each minute opening with 21 s at twice that.")
+    report = sweep(config, ["fcfs", "andes"], [DEMO_RATE], jobs=args.jobs)
+    print(format_table(report["results"], DEMO_COLUMNS))
+    _plot_sweep(report, args.plot)
+    print(f"wrote {args.plot}")
+    return 0

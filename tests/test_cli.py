@@ -1,0 +1,172 @@
+"""Tests of the ``andes`` command line: the files it writes, reproducibility, usage errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from andes.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+RESULT_KEYS = {
+    "policy",
+    "rate",
+    "requests",
+    "avg_qoe",
+    "p10_qoe",
+    "p50_qoe",
+    "qoe_ge_0_9",
+    "qoe_ge_0_95",
+    "perfect_qoe",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "tds_p50",
+    "throughput_tok_s",
+    "preemptions_per_request",
+}
+
+WORKLOAD_ARGS = [
+    "--profile", "a100-opt13b",
+    "--workload", "sharegpt",
+    "--qoe-mix", "reading",
+    "--arrival", "poisson",
+]
+"""Short runs: a few dozen requests each."""
+
+
+def sim_run(tmp_path: Path, *extra: str) -> list[str]:
+    return ["sim", "run", *WORKLOAD_ARGS, "--policy", "andes", "--rate", "2",
+            "--duration", "10", "--json", str(tmp_path / "run.json"), *extra]
+
+
+def sim_sweep(out: Path, *extra: str) -> list[str]:
+    return ["sim", "sweep", *WORKLOAD_ARGS, "--policies", "fcfs,andes", "--rates", "2,6",
+            "--duration", "10", "--seed", "3", "--json", str(out), *extra]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def check_report(report: dict[str, Any], policies: list[str], rates: list[float]) -> None:
+    assert set(report) == {"config", "results", "capacity_at_qoe_0_9"}
+    points = [(row["policy"], row["rate"]) for row in report["results"]]
+    assert points == [(policy, rate) for policy in policies for rate in rates]
+    for row in report["results"]:
+        assert set(row) >= RESULT_KEYS
+        assert "per_request" not in row
+        assert row["requests"] > 0
+        assert 0.0 <= row["avg_qoe"] <= 1.0
+    assert set(report["capacity_at_qoe_0_9"]) == set(policies)
+
+
+def test_sim_run_writes_one_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(sim_run(tmp_path)) == 0
+    report = read_json(tmp_path / "run.json")
+    check_report(report, ["andes"], [2.0])
+    assert report["config"]["profile"] == "a100-opt13b"
+    table = capsys.readouterr().out
+    assert "avg_qoe" in table
+    assert "andes" in table
+
+
+def test_sim_sweep_json_plot_and_reproducibility(tmp_path: Path) -> None:
+    plot = tmp_path / "sweep.png"
+    assert main(sim_sweep(tmp_path / "a.json", "--jobs", "2", "--plot", str(plot))) == 0
+    assert main(sim_sweep(tmp_path / "b.json", "--jobs", "1")) == 0
+    first, second = read_json(tmp_path / "a.json"), read_json(tmp_path / "b.json")
+    check_report(first, ["fcfs", "andes"], [2.0, 6.0])
+    assert first["results"] == second["results"]
+    assert first["capacity_at_qoe_0_9"] == second["capacity_at_qoe_0_9"]
+    # The seed fixes the requests: every policy sees as many at a given rate.
+    counts = {(row["rate"], row["requests"]) for row in first["results"]}
+    assert len(counts) == 2
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_sim_sweep_per_request_arrays(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    assert main(sim_sweep(out, "--jobs", "1", "--per-request")) == 0
+    for row in read_json(out)["results"]:
+        assert len(row["per_request"]["qoe"]) == row["requests"]
+        assert len(row["per_request"]["ttft_s"]) == row["requests"]
+
+
+@pytest.mark.parametrize(
+    ("replace", "expected"),
+    [
+        (("--profile", "nope"), "unknown latency profile 'nope'"),
+        (("--workload", "wiki"), "unknown workload 'wiki'"),
+        (("--qoe-mix", "uniform:1"), "bad spec 'uniform:1'"),
+        (("--arrival", "burst:2"), "bad spec 'burst:2'"),
+        (("--policy", "sjf"), "invalid choice: 'sjf'"),
+        (("--rate", "0"), "argument --rate: must be a finite number > 0"),
+        (("--rate", "-3"), "argument --rate: must be a finite number > 0"),
+        (("--duration", "ten"), "argument --duration: expected a float"),
+        (("--duration", "0.01"), "no request arrives within 0.01 s"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    replace: tuple[str, str],
+    expected: str,
+) -> None:
+    argv = sim_run(tmp_path)
+    flag, value = replace
+    argv[argv.index(flag) + 1] = value
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err
+    assert captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "run.json").exists()
+
+
+def test_bad_sweep_lists_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep.json"
+    argv = sim_sweep(out)
+    argv[argv.index("--policies") + 1] = "fcfs,sjf"
+    assert main(argv) == 2
+    assert "unknown policy 'sjf'" in capsys.readouterr().err
+    argv = sim_sweep(out)
+    argv[argv.index("--rates") + 1] = "2,x"
+    assert main(argv) == 2
+    assert "argument --rates: expected a float, got 'x'" in capsys.readouterr().err
+
+
+def test_python_m_andes_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "andes", "--help"], capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert done.returncode == 0
+    for command in ("sim", "bench", "demo"):
+        assert command in done.stdout
+
+
+def test_bench_planner_runs_the_solver(tmp_path: Path) -> None:
+    out = tmp_path / "planner.json"
+    argv = ["bench", "planner", "--policy", "andes", "--requests", "40", "--repeats", "5",
+            "--warmups", "1", "--json", str(out)]
+    assert main(argv) == 0
+    timing = read_json(out)
+    assert set(timing) >= {"policy", "requests", "median_ms", "p99_ms", "solver_ran"}
+    assert timing["requests"] == 40
+    assert timing["solver_ran"] == 1.0
+    assert 0.0 < timing["median_ms"] <= timing["p99_ms"]
+
+
+def test_demo_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plot = tmp_path / "demo.png"
+    assert main(["demo", "--duration", "15", "--jobs", "1", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "fcfs" in out
+    assert "andes" in out
+    assert "average QoE" in out
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE
