@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test lint bench demo sweep clean
+.PHONY: install test lint bench demo sweep clean protos
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check andes tests benchmarks
 	$(VENV)/bin/mypy andes
+
+# Regenerate andes/v1/*_pb2*.py* from protos/andes/v1/*.proto (the generated files are
+# committed; tests/test_protos.py fails when they are stale).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/andes/v1/*.proto
 
 bench: $(STAMP)
 	$(PY) benchmarks/planner.py
