@@ -8,6 +8,7 @@ so a mistake ends in one line on stderr and exit status 2 before any simulation 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,7 +51,7 @@ def build_parser() -> _Parser:
     parser = _Parser(prog="andes", description="QoE-aware LLM text streaming (Andes).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add in (_add_sim, _add_bench, _add_demo):
+    for add in (_add_sim, _add_bench, _add_demo, _add_up, _add_generate):
         add(commands)
     return parser
 
@@ -232,37 +233,147 @@ def _bench_planner(args: argparse.Namespace) -> int:
 
 # -- demo ----------------------------------------------------------------------------------------
 
-DEMO_RATE = 9.0
-"""Requests/s: past what FCFS serves well on an A100 with OPT-13B, within what Andes does."""
-DEMO_ARRIVAL = "burst:2,0.35,60"
-"""Each minute opens with 21 s at twice the average rate: the surge Andes is made for."""
-
-DEMO_COLUMNS = (
-    ("policy", "policy", "s"),
-    ("average QoE", "avg_qoe", ".3f"),
-    ("p10 QoE", "p10_qoe", ".3f"),
-    ("TTFT p90 (s)", "ttft_p90_s", ".2f"),
-    ("throughput (tok/s)", "throughput_tok_s", ".0f"),
-)
-
-
 def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser(
-        "demo", help="FCFS vs Andes on a simulated A100 under bursty overload"
+        "demo",
+        help="FCFS vs Andes under a burst, through a real local cluster (and the simulator)",
     )
     demo.add_argument("--plot", type=Path, default=Path("demo.png"), help="(default: demo.png)")
-    demo.add_argument("--jobs", type=_positive(int), default=min(2, os.cpu_count() or 1))
-    demo.add_argument("--duration", type=_positive(float), default=300.0, help=argparse.SUPPRESS)
+    demo.add_argument("--json", type=Path, help="also write the figures as JSON")
+    demo.add_argument("--duration", type=_positive(float), default=30.0,
+                      help="seconds of arrivals (default 30; the drain takes longer)")
+    demo.add_argument("--rate", type=_positive(float), default=8.0,
+                      help="average requests/s (default 8)")
     demo.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    config = RunConfig(profile="a100-opt13b", workload="sharegpt", qoe_mix="reading",
-                       arrival=DEMO_ARRIVAL, duration_s=args.duration)
-    print(f"Simulating {args.duration:g} s of ShareGPT-like chat on one A100 serving OPT-13B: "
-          f"{DEMO_RATE:g} requests/s on average, each minute opening with 21 s at twice that.")
-    report = sweep(config, ["fcfs", "andes"], [DEMO_RATE], jobs=args.jobs)
-    print(format_table(report["results"], DEMO_COLUMNS))
-    _plot_sweep(report, args.plot)
+    from andes.demo import DemoConfig, plot_demo, run_policy
+
+    config = DemoConfig(rate=args.rate, duration_s=args.duration)
+    workload = config.workload()
+    print(f"Two emulated A100s serving OPT-13B ({config.kv_blocks} KV blocks each), ShareGPT-like "
+          f"chat, {config.rate:g} requests/s on average with bursts at twice that: "
+          f"{len(workload)} requests over {config.duration_s:g} s, sent through the gateway.")
+    rows = []
+    for policy in ("fcfs", "andes"):
+        print(f"running {policy} ...", flush=True)
+        rows.append(run_policy(config, policy, workload))
+    header = ("policy", "avg QoE", "p10 QoE", "TTFT p90 (s)", "tok/s", "simulator avg QoE",
+              "streams ok")
+    print("  ".join(f"{h:>17}" for h in header))
+    for row in rows:
+        m = row["measured"]
+        ok = row["streams_contiguous"] and not row["errors"] and row["completed"] == row["requests"]
+        cells = (row["policy"], f"{m['avg_qoe']:.3f}", f"{m['p10_qoe']:.3f}",
+                 f"{m['ttft_p90_s']:.2f}", f"{m['throughput_tok_s']:.0f}",
+                 f"{row['simulated']['avg_qoe']:.3f}", "yes" if ok else "NO")
+        print("  ".join(f"{c:>17}" for c in cells))
+    plot_demo(rows, args.plot)
     print(f"wrote {args.plot}")
+    if args.json:
+        args.json.write_text(json.dumps({"config": dataclasses.asdict(config), "rows": [
+            {k: v for k, v in row.items() if k != "qoe"} for row in rows]}, indent=2) + "\n")
     return 0
+
+
+# -- up ------------------------------------------------------------------------------------------
+
+
+def _add_up(commands: Subcommands) -> None:
+    up = commands.add_parser("up", help="run a local cluster in the foreground until Ctrl-C")
+    up.add_argument("--backend", choices=("sim",), default="sim")
+    up.add_argument("--workers", type=_positive(int), default=2)
+    up.add_argument("--policy", choices=POLICY_NAMES, default="andes")
+    up.add_argument("--profile", type=_checked(load_profile), default="a100-opt13b")
+    up.add_argument("--gateway-port", type=_positive(int), default=50051)
+    up.add_argument("--scheduler-port", type=_positive(int), default=50052)
+    up.add_argument("--kv-blocks", type=_positive(int), help="KV blocks per worker")
+    up.set_defaults(handler=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from andes.up import ClusterConfig, LocalCluster
+
+    worker_args = ("--kv-blocks", str(args.kv_blocks)) if args.kv_blocks else ()
+    config = ClusterConfig(backend=args.backend, workers=int(args.workers), policy=args.policy,
+                           profile=args.profile, gateway_port=int(args.gateway_port),
+                           scheduler_port=int(args.scheduler_port), worker_args=worker_args)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        with LocalCluster(config) as cluster:
+            for name, address in cluster.endpoints().items():
+                print(f"{name}: {address}")
+            print("ready; Ctrl-C stops the cluster", flush=True)
+            stop.wait()
+            print("stopping ...", flush=True)
+    except RuntimeError as err:
+        print(f"andes up: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- generate ------------------------------------------------------------------------------------
+
+
+def _add_generate(commands: Subcommands) -> None:
+    generate = commands.add_parser(
+        "generate", help="stream one generation from a gateway, paced at reading speed"
+    )
+    generate.add_argument("prompt")
+    generate.add_argument("--target", default=os.environ.get("ANDES_GATEWAY_ADDR",
+                                                             "127.0.0.1:50051"),
+                          help="gateway host:port (env ANDES_GATEWAY_ADDR)")
+    generate.add_argument("--max-tokens", type=_positive(int), default=64)
+    generate.add_argument("--tds", type=_positive(float), default=4.8,
+                          help="reading speed, tokens/s (default 4.8)")
+    generate.add_argument("--ttft", type=_positive(float), default=1.0,
+                          help="expected time to first token, s (default 1.0)")
+    generate.add_argument("--no-pace", action="store_true",
+                          help="print tokens as they arrive instead of at reading speed")
+    generate.add_argument("--timeout", type=_positive(float), help="deadline for the call, s")
+    generate.add_argument("--api-key", default=os.environ.get("ANDES_API_KEY"),
+                          help="API key (env ANDES_API_KEY)")
+    generate.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    # Imported on use: the other commands need no gRPC.
+    import asyncio
+
+    from andes.client import AndesError, AsyncAndesClient
+
+    async def stream() -> int:
+        async with AsyncAndesClient(args.target, api_key=args.api_key) as client:
+            generation = client.generate(
+                args.prompt, max_tokens=int(args.max_tokens), ttft_s=args.ttft, tds=args.tds,
+                paced=not args.no_pace, timeout_s=args.timeout,
+            )
+            printed = False
+            try:
+                async for event in generation:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                    printed = True
+            except AndesError as err:
+                print(f"{chr(10) if printed else ''}andes: error: {err}", file=sys.stderr)
+                return 1
+            finally:
+                await generation.aclose()
+            sys.stdout.write("\n")
+            ttft = generation.ttft
+            tokens = len(generation.receipt_times)
+            print(f"QoE {generation.qoe:.3f}  TTFT "
+                  f"{'-' if ttft is None else f'{ttft:.2f} s'}  {tokens} tokens  "
+                  f"finish {generation.finish_reason}", file=sys.stderr)
+            return 0
+
+    try:
+        return asyncio.run(stream())
+    except KeyboardInterrupt:
+        return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from andes.cli import main
+from tests.conftest import free_port
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -163,10 +165,46 @@ def test_bench_planner_runs_the_solver(tmp_path: Path) -> None:
 
 
 def test_demo_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo end to end on a few seconds of traffic: real cluster, both policies."""
     plot = tmp_path / "demo.png"
-    assert main(["demo", "--duration", "15", "--jobs", "1", "--plot", str(plot)]) == 0
+    figures = tmp_path / "demo.json"
+    argv = ["demo", "--duration", "4", "--rate", "3", "--plot", str(plot), "--json", str(figures)]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "fcfs" in out
-    assert "andes" in out
-    assert "average QoE" in out
+    assert "fcfs" in out and "andes" in out and "simulator avg QoE" in out
     assert plot.read_bytes()[:8] == PNG_SIGNATURE
+    rows = read_json(figures)["rows"]
+    assert [row["policy"] for row in rows] == ["fcfs", "andes"]
+    for row in rows:
+        assert row["errors"] == {}
+        assert row["streams_contiguous"]
+        assert row["completed"] == row["requests"] > 0
+        assert 0.0 <= row["measured"]["avg_qoe"] <= 1.0
+
+
+def test_up_serves_until_interrupted(tmp_path: Path) -> None:
+    """`andes up` in the foreground: ready, serves a real client, stops cleanly on Ctrl-C."""
+    gateway_port, scheduler_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "andes", "up", "--workers", "1", "--gateway-port",
+         str(gateway_port), "--scheduler-port", str(scheduler_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            if line.startswith("ready"):
+                break
+        else:
+            pytest.fail("andes up ended before it was ready")
+        done = subprocess.run(
+            [sys.executable, "-m", "andes", "generate", "hello there", "--no-pace",
+             "--max-tokens", "8", "--target", f"127.0.0.1:{gateway_port}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "QoE" in done.stderr
+        assert done.stdout.strip()
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0

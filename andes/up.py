@@ -1,0 +1,211 @@
+"""A local cluster in one command: Redis, the scheduler, N workers and the gateway.
+
+Each service runs as its own process, exactly as it would in a deployment; this module only
+starts them in dependency order, waits for each one's ``READY`` line, and stops them in reverse
+order. It uses the Redis at ``ANDES_REDIS_URL`` when one answers there, else a private
+``redis-server`` on a free port that lives and dies with the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlparse
+
+READY_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether a Redis server answers PING at ``url`` (plain socket: no client needed)."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=timeout_s
+        ) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    backend: str = "sim"
+    workers: int = 2
+    policy: str = "andes"
+    profile: str = "a100-opt13b"
+    gateway_port: int = 50051
+    scheduler_port: int = 50052
+    redis_url: str | None = None
+    """None: ``ANDES_REDIS_URL`` if it answers, else a private redis-server."""
+    worker_args: tuple[str, ...] = ()
+    """Extra flags for every worker (e.g. ``--kv-blocks 400``)."""
+    gateway_args: tuple[str, ...] = ()
+
+
+@dataclass
+class _Service:
+    name: str
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+
+class LocalCluster:
+    """Start with :meth:`start` (or ``with``); :meth:`stop` tears everything down."""
+
+    def __init__(self, config: ClusterConfig, *, log_dir: Path | None = None) -> None:
+        self.config = config
+        self.log_dir = log_dir
+        self.redis_url = ""
+        self._services: list[_Service] = []
+        self._redis: subprocess.Popen[bytes] | None = None
+        self._redis_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def gateway_addr(self) -> str:
+        return f"127.0.0.1:{self.config.gateway_port}"
+
+    @property
+    def scheduler_addr(self) -> str:
+        return f"127.0.0.1:{self.config.scheduler_port}"
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            self.redis_url = self._ensure_redis()
+            cfg = self.config
+            python = sys.executable
+            self._spawn(
+                "scheduler",
+                [python, "-m", "scheduler_service", "--listen", self.scheduler_addr,
+                 "--policy", cfg.policy],
+            )
+            for index in range(cfg.workers):
+                self._spawn(
+                    f"worker-{index}",
+                    [python, "-m", "worker", "--backend", cfg.backend, "--profile", cfg.profile,
+                     "--worker-id", f"w{index}", "--scheduler", self.scheduler_addr,
+                     "--redis", self.redis_url, *cfg.worker_args],
+                )
+            self._spawn(
+                "gateway",
+                [python, "-m", "gateway", "--listen", self.gateway_addr,
+                 "--scheduler", self.scheduler_addr, "--redis", self.redis_url,
+                 *cfg.gateway_args],
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ensure_redis(self) -> str:
+        configured = self.config.redis_url or os.environ.get("ANDES_REDIS_URL")
+        if configured:
+            if not redis_answers(configured):
+                raise RuntimeError(f"no Redis answers at {configured}")
+            return configured
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "no Redis configured (ANDES_REDIS_URL) and redis-server is not installed: "
+                "apt-get install redis-server"
+            )
+        port = free_port()
+        self._redis_dir = tempfile.TemporaryDirectory(prefix="andes-redis-")
+        self._redis = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self._redis_dir.name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not redis_answers(url):
+            if time.monotonic() > deadline or self._redis.poll() is not None:
+                raise RuntimeError("the private redis-server did not start")
+            time.sleep(0.05)
+        return url
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True,
+        )
+        service = _Service(name, process)
+        self._services.append(service)
+        ready = threading.Event()
+        log = (self.log_dir / f"{name}.log").open("w") if self.log_dir else None
+
+        def pump() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                service.lines.append(line)
+                del service.lines[:-200]  # keep a tail for error messages
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+                if line.startswith("READY"):
+                    ready.set()
+            if log is not None:
+                log.close()
+
+        threading.Thread(target=pump, name=f"{name}-output", daemon=True).start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.wait(0.1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = "".join(service.lines[-20:])
+                raise RuntimeError(f"{name} did not become ready:\n{tail}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM in reverse start order (gateway drains first), SIGKILL after ``grace_s``."""
+        for service in reversed(self._services):
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+            try:
+                service.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+        self._services.clear()
+        if self._redis is not None:
+            self._redis.terminate()
+            self._redis.wait(timeout=10)
+            self._redis = None
+        if self._redis_dir is not None:
+            self._redis_dir.cleanup()
+            self._redis_dir = None
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "gateway (gRPC andes.v1.GenerationService)": self.gateway_addr,
+            "scheduler (gRPC, internal)": self.scheduler_addr,
+            "redis": self.redis_url,
+        }

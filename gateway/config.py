@@ -1,0 +1,119 @@
+"""The gateway's configuration: command-line flags, each defaulting to an ``ANDES_*`` variable.
+
+Environment defaults go through the same argparse type checks as flags (argparse parses a
+string default like a command-line value), so a bad variable fails at start with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from andes.tokenstream import DEFAULT_PREFIX
+from gateway.validation import Limits
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything ``python -m gateway`` can be told."""
+
+    listen: str = "127.0.0.1:50051"
+    scheduler: str = "127.0.0.1:50052"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = DEFAULT_PREFIX
+    max_streams: int = 4096
+    limits: Limits = field(default_factory=Limits)
+    api_keys_file: str | None = None
+    metrics_port: int = 0
+    drain_seconds: float = 30.0
+    gateway_id: str = ""
+    report_interval_s: float = 0.075
+    submit_timeout_s: float = 10.0
+
+    def resolved_gateway_id(self) -> str:
+        """The configured id, or ``host:pid:random`` (unique per process, so wake streams and
+        delivery reports of two gateways never mix)."""
+        if self.gateway_id:
+            return self.gateway_id
+        return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _bounded(kind: type[int] | type[float], low: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from err
+        if not (math.isfinite(value) and value >= low):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway", description="Andes gateway: andes.v1.GenerationService."
+    )
+
+    def flag(name: str, variable: str, default: str | None, help_text: str,
+             kind: Callable[[str], object] = str) -> None:
+        parser.add_argument(name, default=env.get(variable, default), type=kind,
+                            help=f"{help_text} (env {variable}; default {default})")
+
+    flag("--listen", "ANDES_GATEWAY_LISTEN", "127.0.0.1:50051", "host:port to serve gRPC on")
+    flag("--scheduler", "ANDES_SCHEDULER_ADDR", "127.0.0.1:50052", "scheduler host:port")
+    flag("--redis", "ANDES_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL")
+    flag("--redis-prefix", "ANDES_REDIS_PREFIX", DEFAULT_PREFIX, "Redis key prefix")
+    flag("--max-streams", "ANDES_GATEWAY_MAX_STREAMS", "4096",
+         "concurrent Generate streams before RESOURCE_EXHAUSTED", _bounded(int, 1))
+    flag("--max-tokens-limit", "ANDES_GATEWAY_MAX_TOKENS_LIMIT", "4096",
+         "largest max_tokens accepted", _bounded(int, 1))
+    flag("--default-max-tokens", "ANDES_GATEWAY_DEFAULT_MAX_TOKENS", "256",
+         "max_tokens when a request gives 0", _bounded(int, 1))
+    flag("--max-prompt-chars", "ANDES_GATEWAY_MAX_PROMPT_CHARS", "200000",
+         "longest text prompt accepted, in characters", _bounded(int, 1))
+    flag("--max-prompt-tokens", "ANDES_GATEWAY_MAX_PROMPT_TOKENS", "50000",
+         "most prompt_token_ids accepted", _bounded(int, 1))
+    flag("--api-keys-file", "ANDES_API_KEYS_FILE", None,
+         "file of SHA-256 digests of accepted API keys, one per line (none: no auth)")
+    flag("--metrics-port", "ANDES_GATEWAY_METRICS_PORT", "0",
+         "serve Prometheus /metrics on this port of the listen host (0: off)", _bounded(int, 0))
+    flag("--drain-seconds", "ANDES_GATEWAY_DRAIN_SECONDS", "30",
+         "on SIGTERM, how long streams in progress may take to finish", _bounded(float, 0))
+    flag("--gateway-id", "ANDES_GATEWAY_ID", "",
+         "this gateway's id in scheduler reports (default host:pid:random)")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Parse flags (``argv``, default ``sys.argv``) over ``env`` (default ``os.environ``)."""
+    parser = build_parser(os.environ if env is None else env)
+    args = parser.parse_args(argv)
+    try:
+        limits = Limits(
+            max_tokens_limit=int(args.max_tokens_limit),
+            default_max_tokens=min(int(args.default_max_tokens), int(args.max_tokens_limit)),
+            max_prompt_chars=int(args.max_prompt_chars),
+            max_prompt_tokens=int(args.max_prompt_tokens),
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    return GatewayConfig(
+        listen=args.listen,
+        scheduler=args.scheduler,
+        redis_url=args.redis,
+        redis_prefix=args.redis_prefix,
+        max_streams=int(args.max_streams),
+        limits=limits,
+        api_keys_file=args.api_keys_file or None,
+        metrics_port=int(args.metrics_port),
+        drain_seconds=float(args.drain_seconds),
+        gateway_id=args.gateway_id,
+    )

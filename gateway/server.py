@@ -1,0 +1,183 @@
+"""Assembly of a gateway: gRPC server, health, reflection, and a graceful drain.
+
+:class:`Gateway` owns every long-lived resource (Redis pool, scheduler channel, stream readers,
+delivery stream, gRPC server) so that tests can run a real gateway in-process and the
+``__main__`` shell stays a few lines. Draining (SIGTERM) goes: refuse new streams with
+UNAVAILABLE and report NOT_SERVING on ``grpc.health.v1`` (load balancers stop routing here),
+let the streams in progress finish for up to ``--drain-seconds``, then stop; streams still
+running at that point are cancelled, which aborts their requests on the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
+
+from andes.v1 import generation_pb2, generation_pb2_grpc
+from gateway.auth import ApiKeys
+from gateway.config import GatewayConfig
+from gateway.delivery import DeliveryReporter
+from gateway.metrics import GatewayMetrics
+from gateway.payload import PayloadStore
+from gateway.scheduler import SchedulerClient
+from gateway.service import GenerationService
+from gateway.streams import StreamHub
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+SERVER_OPTIONS = [
+    # Ping idle clients every minute so a vanished client's stream (and its KV cache on a
+    # worker) is noticed and aborted; accept client pings every 10 s or more, idle or not.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+]
+
+REDIS_STARTUP_S = 10.0
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start (Redis unreachable, bad key file, port taken)."""
+
+
+class Gateway:
+    """A runnable gateway; ``await start()``, then ``drain()`` or ``stop()``."""
+
+    def __init__(self, config: GatewayConfig, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.gateway_id = config.resolved_gateway_id()
+        self.metrics = GatewayMetrics(registry)
+        self.address = ""
+        self._redis: aioredis.Redis | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._service: GenerationService | None = None
+        self._hub: StreamHub | None = None
+        self._reporter: DeliveryReporter | None = None
+        self._scheduler: SchedulerClient | None = None
+        self._stopped = False
+
+    @property
+    def service(self) -> GenerationService:
+        if self._service is None:
+            raise RuntimeError("the gateway has not started")
+        return self._service
+
+    async def start(self) -> str:
+        """Connect, bind and serve; returns the bound ``host:port``. Raises StartupError."""
+        config = self.config
+        try:
+            api_keys = ApiKeys.load(config.api_keys_file) if config.api_keys_file else None
+        except (OSError, ValueError) as err:
+            raise StartupError(f"API keys file: {err}") from err
+        self._redis = aioredis.from_url(config.redis_url)
+        await self._wait_for_redis(self._redis)
+        self._scheduler = SchedulerClient(config.scheduler)
+        self._reporter = DeliveryReporter(
+            self._scheduler, self.gateway_id, interval_s=config.report_interval_s
+        )
+        self._hub = StreamHub(self._redis, f"{config.redis_prefix}:gateway:{self.gateway_id}:wake")
+        self._service = GenerationService(
+            limits=config.limits,
+            payloads=PayloadStore(self._redis, config.redis_prefix, self.gateway_id),
+            hub=self._hub,
+            scheduler=self._scheduler,
+            reporter=self._reporter,
+            metrics=self.metrics,
+            gateway_id=self.gateway_id,
+            api_keys=api_keys,
+            max_streams=config.max_streams,
+            submit_timeout_s=config.submit_timeout_s,
+        )
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError as err:
+            raise StartupError(f"cannot listen on {config.listen}: {err}") from err
+        if port == 0:
+            raise StartupError(f"cannot listen on {config.listen}")
+        self._server = server
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reporter.start()
+        host = config.listen.rpartition(":")[0] or "127.0.0.1"
+        if config.metrics_port:
+            self.metrics.serve(config.metrics_port, host.strip("[]"))
+        self.address = f"{host}:{port}"
+        log.info("gateway %s serving on %s (scheduler %s)", self.gateway_id, self.address,
+                 config.scheduler)
+        return self.address
+
+    async def begin_drain(self) -> None:
+        """Stop admitting streams and report NOT_SERVING; streams in progress go on."""
+        self.service.start_draining()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self.service.wait_idle(timeout_s)
+
+    async def drain(self, seconds: float) -> None:
+        """The SIGTERM path: begin draining, wait up to ``seconds`` for streams, stop."""
+        await self.begin_drain()
+        if not await self.wait_idle(seconds):
+            log.warning("drain: %d streams still running after %.1f s; cancelling them",
+                        self.service.active_streams, seconds)
+        await self.stop()
+
+    async def stop(self, grace_s: float = 0.5) -> None:
+        """Stop serving (cancelling streams left), abort their requests, release everything."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._service is not None:
+            await self._service.flush_background()
+        if self._reporter is not None:
+            await self._reporter.close()
+        if self._hub is not None:
+            await self._hub.close()
+        if self._scheduler is not None:
+            await self._scheduler.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        self.metrics.stop_serving()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _wait_for_redis(self, client: aioredis.Redis) -> None:
+        deadline = time.monotonic() + REDIS_STARTUP_S
+        while True:
+            try:
+                await client.ping()
+                return
+            except (RedisError, OSError) as err:
+                if time.monotonic() >= deadline:
+                    with contextlib.suppress(RedisError, OSError):
+                        await client.aclose()
+                    raise StartupError(f"Redis at {self.config.redis_url} unreachable: {err}") \
+                        from err
+                await asyncio.sleep(0.2)

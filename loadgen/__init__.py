@@ -1,0 +1,1 @@
+"""Load generation against Andes Serve or any OpenAI-compatible server."""

@@ -1,0 +1,98 @@
+"""``python -m scheduler_service``: run the scheduler until SIGTERM or SIGINT.
+
+Flags default from ``ANDES_*`` environment variables. Prints ``READY scheduler <host:port>``
+on stdout once it serves (with the real port when ``--listen`` asks for port 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+from prometheus_client import start_http_server
+
+from andes.policies import POLICY_NAMES, make_policy
+from scheduler_service.scheduler import Scheduler
+from scheduler_service.server import SchedulerServer
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m scheduler_service", description=__doc__)
+    parser.add_argument("--listen", default=env("ANDES_SCHEDULER_LISTEN", "127.0.0.1:50052"),
+                        help="gRPC address to bind, host:port (port 0: any free port)")
+    parser.add_argument("--policy", choices=POLICY_NAMES, default=env("ANDES_POLICY", "andes"))
+    parser.add_argument("--preemption-mode", choices=("recompute", "swap"),
+                        default=env("ANDES_PREEMPTION_MODE", "recompute"))
+    parser.add_argument("--plan-interval-ms", type=float,
+                        default=_env_float("ANDES_PLAN_INTERVAL_MS", 50.0),
+                        help="least time between two plans of one worker")
+    parser.add_argument("--replan-after-s", type=float,
+                        default=_env_float("ANDES_REPLAN_AFTER_S", 1.0),
+                        help="plan each worker at least this often")
+    parser.add_argument("--worker-timeout-s", type=float,
+                        default=_env_float("ANDES_WORKER_TIMEOUT_S", 2.0),
+                        help="a worker silent this long is dead")
+    parser.add_argument("--reassign-grace-s", type=float,
+                        default=_env_float("ANDES_REASSIGN_GRACE_S", 5.0),
+                        help="how long a dead worker's requests wait for it to come back")
+    parser.add_argument("--max-queue", type=int, default=int(env("ANDES_MAX_QUEUE", "0")),
+                        help="most unfinished requests per worker (0: no limit)")
+    parser.add_argument("--metrics-port", type=int,
+                        default=int(env("ANDES_SCHEDULER_METRICS_PORT", "0")),
+                        help="serve Prometheus metrics on this port (0: off)")
+    parser.add_argument("--metrics-addr", default=env("ANDES_METRICS_ADDR", "127.0.0.1"))
+    parser.add_argument("--log-level", default=env("ANDES_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    for name in ("plan_interval_ms", "replan_after_s", "worker_timeout_s"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.reassign_grace_s < 0 or args.max_queue < 0:
+        parser.error("--reassign-grace-s and --max-queue must be >= 0")
+    return args
+
+
+def build_scheduler(args: argparse.Namespace) -> Scheduler:
+    return Scheduler(
+        make_policy(args.policy, preemption_mode=args.preemption_mode),
+        plan_interval_s=args.plan_interval_ms / 1000.0,
+        replan_after_s=args.replan_after_s,
+        worker_timeout_s=args.worker_timeout_s,
+        reassign_grace_s=args.reassign_grace_s,
+        max_queue_per_worker=args.max_queue or None,
+    )
+
+
+async def _main(args: argparse.Namespace) -> None:
+    server = SchedulerServer(build_scheduler(args), args.listen)
+    await server.start()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_addr)
+    print(f"READY scheduler {server.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("stopping")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    uvloop.run(_main(args))
+    return 0

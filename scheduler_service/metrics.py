@@ -1,0 +1,32 @@
+"""The scheduler's Prometheus metrics (``andes_*``), served on ``--metrics-port`` when given.
+
+Module-level singletons: prometheus_client registers a name once per process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUEUE_LENGTH = Gauge(
+    "andes_queue_length",
+    "Live requests waiting to run: placed but holding no KV, or orphaned by a dead worker.",
+)
+PLAN_LATENCY = Histogram(
+    "andes_plan_latency_seconds",
+    "Time to compute one worker's plan (snapshot and policy).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+PREEMPTIONS = Counter(
+    "andes_preemptions",
+    "Preemptions: planned (in a plan sent to a worker) or forced (the engine ran out of KV).",
+    ["cause"],
+)
+KV_BLOCKS = Gauge(
+    "andes_kv_blocks",
+    "KV cache blocks per worker, as its latest step report says.",
+    ["worker", "kind"],
+)
+WORKERS_LIVE = Gauge("andes_workers_live", "Workers with an open, responsive session.")
+
+for _cause in ("planned", "forced"):
+    PREEMPTIONS.labels(cause=_cause)  # export both series from the start, at zero

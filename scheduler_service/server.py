@@ -1,0 +1,141 @@
+"""The scheduler's gRPC face: ``andes.v1.SchedulerService``, health and reflection.
+
+A thin transport layer over :class:`scheduler_service.scheduler.Scheduler`: it decodes, calls
+the matching handler, and turns :class:`RejectedError` into a gRPC status. A worker session is a
+bidirectional stream: the handler reads the registration, acknowledges it with the
+``andes-session`` initial-metadata key (the worker's proof that it is registered), then reads
+reports in a task while writing the session's outbox, until either side ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from andes.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_service.scheduler import RejectedError, Scheduler, WorkerSessionHandle
+
+log = logging.getLogger(__name__)
+
+SESSION_METADATA_KEY = "andes-session"
+"""Initial-metadata key acknowledging a worker's registration (the worker waits for it)."""
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    async def Submit(
+        self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitResponse:
+        try:
+            worker_id = self._scheduler.submit(request)
+        except RejectedError as err:
+            await context.abort(err.code, err.message)
+        return scheduler_pb2.SubmitResponse(worker_id=worker_id)
+
+    async def Abort(
+        self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.AbortResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        found = self._scheduler.abort(request.request_id)
+        if found:
+            log.info("request %s aborted: %s", request.request_id, request.reason or "-")
+        return scheduler_pb2.AbortResponse(found=found)
+
+    async def ReportDelivery(
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ReportDeliveryResponse:
+        received = 0
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                break
+            received += self._scheduler.report_delivery(message)
+        return scheduler_pb2.ReportDeliveryResponse(entries_received=received)
+
+    async def WorkerSession(
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF or first.WhichOneof("message") != "registration":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a worker session starts with a registration"
+            )
+        try:
+            handle = self._scheduler.open_session(first.registration)
+        except RejectedError as err:
+            await context.abort(err.code, err.message)
+        try:
+            await context.send_initial_metadata(
+                ((SESSION_METADATA_KEY, str(handle.session_id)),)
+            )
+            reader = asyncio.create_task(self._read(context, handle))
+            try:
+                while True:
+                    message = await handle.outbox.get()
+                    if message is None:
+                        break
+                    await context.write(message)
+            finally:
+                reader.cancel()
+                await asyncio.wait([reader])
+        finally:
+            self._scheduler.close_session(handle)
+
+    async def _read(self, context: grpc.aio.ServicerContext, handle: WorkerSessionHandle) -> None:
+        try:
+            while True:
+                message = await context.read()
+                if message is grpc.aio.EOF:
+                    return
+                self._scheduler.on_message(handle, message)
+        except grpc.RpcError as err:
+            log.info("worker %s session broke: %s", handle.worker_id, err)
+        finally:
+            handle.close()
+
+
+class SchedulerServer:
+    """The gRPC server around a scheduler: start, address, graceful stop."""
+
+    def __init__(self, scheduler: Scheduler, listen: str = "127.0.0.1:50052") -> None:
+        self.scheduler = scheduler
+        self.listen = listen
+        self.server = grpc.aio.server()
+        self.health = health_aio.HealthServicer()
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            SchedulerServicer(self.scheduler), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(self.listen)
+        await self.scheduler.start()
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stop taking requests, end worker sessions, let in-flight calls finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.scheduler.stop()
+        await self.server.stop(grace_s)

@@ -1,0 +1,108 @@
+"""``python -m worker``: run one worker process until SIGTERM or SIGINT.
+
+Flags default from ``ANDES_*`` environment variables so a deployment configures workers
+without command lines. Prints ``READY worker <id>`` on stdout once the scheduler accepted the
+registration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+import uvloop
+from prometheus_client import start_http_server
+
+from andes.tokenstream import DEFAULT_PREFIX
+from worker.engine import Engine
+from worker.service import BACKENDS, WorkerConfig, WorkerService, build_engine
+from worker.session import RegistrationRefusedError
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--backend", choices=BACKENDS, default=env("ANDES_WORKER_BACKEND", "sim"))
+    parser.add_argument("--profile", default=env("ANDES_PROFILE", "a100-opt13b"),
+                        help="latency profile name (profiles/) or path to a JSON profile")
+    parser.add_argument("--worker-id",
+                        default=env("ANDES_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"))
+    parser.add_argument("--scheduler", default=env("ANDES_SCHEDULER_ADDR", "127.0.0.1:50052"),
+                        help="scheduler gRPC address host:port")
+    parser.add_argument("--redis", default=env("ANDES_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis-prefix", default=env("ANDES_REDIS_PREFIX", DEFAULT_PREFIX))
+    parser.add_argument("--kv-blocks", type=int, default=_env_int("ANDES_KV_BLOCKS"),
+                        help="override the profile's KV cache blocks")
+    parser.add_argument("--max-batch", type=int, default=_env_int("ANDES_MAX_BATCH"),
+                        help="override the profile's most sequences per iteration")
+    parser.add_argument("--host-kv-blocks", type=int,
+                        default=_env_int("ANDES_HOST_KV_BLOCKS") or 0,
+                        help="host memory for swapped-out KV, in blocks (0: no swap)")
+    parser.add_argument("--metrics-port", type=int,
+                        default=_env_int("ANDES_WORKER_METRICS_PORT") or 0,
+                        help="serve Prometheus metrics on this port (0: off)")
+    parser.add_argument("--metrics-addr", default=env("ANDES_METRICS_ADDR", "127.0.0.1"))
+    parser.add_argument("--log-level", default=env("ANDES_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    for name in ("kv_blocks", "max_batch"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.host_kv_blocks < 0:
+        parser.error("--host-kv-blocks must be >= 0")
+    return args
+
+
+async def _main(args: argparse.Namespace, config: WorkerConfig, engine: Engine) -> None:
+    service = WorkerService(
+        config,
+        engine=engine,
+        on_registered=lambda: print(f"READY worker {config.worker_id}", flush=True),
+    )
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_addr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.run(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = WorkerConfig(
+        worker_id=args.worker_id,
+        scheduler=args.scheduler,
+        redis_url=args.redis,
+        backend=args.backend,
+        profile=args.profile,
+        redis_prefix=args.redis_prefix,
+        kv_blocks=args.kv_blocks,
+        max_batch=args.max_batch,
+        host_kv_blocks=args.host_kv_blocks,
+    )
+    try:
+        engine = build_engine(config)
+    except ValueError as err:  # unknown profile or backend: a clear message
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        uvloop.run(_main(args, config, engine))
+    except RegistrationRefusedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,135 @@
+"""The engine interface the worker loop drives, and the values that cross it.
+
+The loop only ever talks to an engine through :class:`Engine`, so the emulated accelerator
+(``sim``) and a real one (``vllm``) are interchangeable. Request ids are the wire's strings:
+mapping them to whatever the engine uses internally is the backend's business. Everything
+here is synchronous: a backend whose ``step`` blocks on real hardware sets ``blocking`` and
+the loop then calls it (and every other method, engines are single-threaded) from one
+dedicated thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from andes.latency import LatencyProfile
+from andes.policies.base import PreemptionMode, State
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """A request the scheduler assigned to this worker (an ``Assignment``, decoded)."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival_unix_s: float
+    ttft_s: float
+    tds: float
+    payload_key: str
+    token_stream_key: str
+    resume_from_tokens: int = 0
+    """Tokens already published by another worker: generation continues at this index."""
+    payload: Mapping[bytes, bytes] | None = None
+    """The payload hash from Redis, fetched only for engines that set ``needs_payload``."""
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """A plan with wire ids, applied in the order preempt, pause, resume, admit."""
+
+    version: int
+    preempt: tuple[str, ...] = ()
+    pause: tuple[str, ...] = ()
+    resume: tuple[str, ...] = ()
+    admit: tuple[str, ...] = ()
+    preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
+
+
+@dataclass(frozen=True)
+class TokenRun:
+    """Consecutive new tokens of one request from one iteration."""
+
+    request_id: str
+    index: int
+    """Position of the first token in the response."""
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A request that left the engine, with an ``andes.v1.FinishReason`` value."""
+
+    request_id: str
+    reason: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One held request as the step report describes it."""
+
+    request_id: str
+    generated_tokens: int
+    state: State
+    kv_blocks: int
+
+
+@dataclass
+class StepOutcome:
+    """What one iteration did."""
+
+    start_s: float
+    duration_s: float
+    """How long the accelerator needs for it: the loop makes the iteration last this long."""
+    tokens: list[TokenRun] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
+    """Requests that completed in this iteration; their last tokens are in ``tokens``."""
+    forced_preemptions: list[str] = field(default_factory=list)
+    """Requests the engine preempted by itself because KV ran out."""
+
+
+class Engine(Protocol):
+    """A continuous-batching engine that executes plans one iteration at a time."""
+
+    backend: str
+    """``sim`` or ``vllm``: sent in the registration."""
+    model: str
+    profile: LatencyProfile
+    """The latency model the scheduler plans this worker with (KV figures included)."""
+    blocking: bool
+    """Whether ``step`` blocks the calling thread for the iteration's real duration."""
+    needs_payload: bool
+    """Whether ``add`` needs the payload hash (a real engine needs the prompt)."""
+
+    @property
+    def kv_blocks_free(self) -> int: ...
+
+    def add(self, spec: RequestSpec) -> list[Finished]:
+        """Hold a new request in WAITING; returns it at once if nothing is left to generate."""
+        ...
+
+    def holds(self, request_id: str) -> bool: ...
+
+    def apply(self, plan: PlanSpec) -> None:
+        """Apply a plan at an iteration boundary, skipping actions that no longer fit."""
+        ...
+
+    def has_work(self) -> bool:
+        """Whether a step would compute anything (a request runs or waits for KV)."""
+        ...
+
+    def step(self, now_s: float) -> StepOutcome:
+        """Run one iteration that starts at ``now_s`` (Unix seconds)."""
+        ...
+
+    def cancel(self, request_ids: tuple[str, ...]) -> list[Finished]:
+        """Drop held requests and free their KV now; returns those that were held."""
+        ...
+
+    def progress(self) -> list[Progress]:
+        """Every request the engine holds."""
+        ...

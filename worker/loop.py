@@ -1,0 +1,285 @@
+"""The worker's iteration loop: drain messages, apply the plan, step, publish, report.
+
+One pass is one iteration boundary plus (when there is work) one iteration:
+
+1. drain everything the scheduler sent: new requests, aborts (KV freed at once, the stream
+   gets a CANCELLED final entry) and plans - only the newest plan counts, and only if its
+   version is above the one applied (plans are sticky: without a new one the engine keeps
+   its batch);
+2. if the engine has work, run one step and *wait out its duration*: the emulated
+   accelerator takes real time, so token timing, QoE and the planner's view are real;
+3. publish the iteration's tokens to Redis in one pipelined round trip;
+4. send the step report.
+
+The loop never waits for a plan; with nothing to do it blocks on the inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from functools import partial
+from typing import TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from andes.tokenstream import DEFAULT_PREFIX, stream_key
+from andes.v1 import generation_pb2, scheduler_pb2
+from worker import metrics
+from worker.engine import Engine, Finished, PlanSpec, Progress
+from worker.publisher import TokenPublisher
+from worker.session import SchedulerSession
+from worker.wire import (
+    finished_to_proto,
+    plan_from_proto,
+    profile_to_proto,
+    progress_to_proto,
+    spec_from_assignment,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+OVERLAP_LIMIT_S = 0.05
+"""How far behind the accelerator's timeline the host may fall and still be caught up."""
+
+
+class WorkerLoop:
+    """Drives one engine in real time on behalf of the scheduler."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        worker_id: str,
+        publisher: TokenPublisher,
+        redis: Redis,
+        redis_prefix: str = DEFAULT_PREFIX,
+        retry_s: float = 0.2,
+        max_pending_tokens: int = 1 << 16,
+    ) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.publisher = publisher
+        self._redis = redis
+        self._prefix = redis_prefix
+        self._retry_s = retry_s
+        self._max_pending_tokens = max_pending_tokens
+        self.session: SchedulerSession | None = None
+        self.step_count = 0
+        self.plan_version = 0
+        """Version of the latest plan applied (0: none yet)."""
+        self._plan: PlanSpec | None = None
+        self._finishing: dict[str, Finished] = {}
+        """Finished in the engine; their final stream entry is not in Redis yet."""
+        self._accelerator_free_at = 0.0
+        self._reportable: list[Finished] = []
+        self._forced: list[str] = []
+        self._progress: list[Progress] = []
+        """The held requests as of the last report (what registrations list)."""
+        self._last_step = (time.time(), 0.0)
+        self._executor = ThreadPoolExecutor(1, "engine") if engine.blocking else None
+
+    def attach(self, session: SchedulerSession) -> None:
+        self.session = session
+
+    # -- engine calls: on one thread for blocking engines ----------------------------------
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- what the session sends ----------------------------------------------------------
+
+    def registration(self) -> scheduler_pb2.Registration:
+        profile = self.engine.profile
+        return scheduler_pb2.Registration(
+            worker_id=self.worker_id,
+            backend=self.engine.backend,
+            model=self.engine.model,
+            kv_blocks_total=profile.kv_blocks_total,
+            block_size=profile.block_size,
+            max_batch=profile.max_batch,
+            max_batched_tokens=profile.max_batched_tokens,
+            profile=profile_to_proto(profile),
+            requests=self._progress_protos(),
+        )
+
+    def _progress_protos(self) -> list[scheduler_pb2.RequestProgress]:
+        # A registration must list every held request, even one added since the last report
+        # (else the scheduler would place it again); a blocking engine is busy on its own
+        # thread, so for it the last report's view has to do.
+        if self._executor is None:
+            self._progress = self.engine.progress()
+        # Report only what is safely in Redis: a request resumed elsewhere starts there.
+        return [
+            progress_to_proto(
+                p, min(p.generated_tokens, self.publisher.published(p.request_id))
+            )
+            for p in self._progress
+        ]
+
+    def status_report(self) -> scheduler_pb2.StepReport:
+        """A report of the current state (also the first report of every session)."""
+        start, duration = self._last_step
+        return scheduler_pb2.StepReport(
+            step=self.step_count,
+            start_unix_s=start,
+            duration_s=duration,
+            requests=self._progress_protos(),
+            kv_blocks_free=self.engine.kv_blocks_free,
+            kv_blocks_total=self.engine.profile.kv_blocks_total,
+            plan_version=self.plan_version,
+        )
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        if self.session is None:
+            raise RuntimeError("attach a session before running the loop")
+        try:
+            while True:
+                first = await self._wait_for_work()
+                changed = await self._drain(first)
+                if self._plan is not None:
+                    plan, self._plan = self._plan, None
+                    await self._call(partial(self.engine.apply, plan))
+                    self.plan_version = plan.version
+                    changed = True
+                stepped = False
+                if not self._backlogged and await self._call(self.engine.has_work):
+                    await self._iterate()
+                    stepped = True
+                published = await self._publish()
+                if stepped or changed or published:
+                    await self._report()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def _backlogged(self) -> bool:
+        """Too many tokens wait for Redis: stop generating until they are out."""
+        return self.publisher.pending_tokens >= self._max_pending_tokens
+
+    async def _wait_for_work(self) -> scheduler_pb2.WorkerSessionResponse | None:
+        """The first message to handle, or None when the engine (or Redis) has work."""
+        assert self.session is not None
+        inbox = self.session.inbox
+        if not self._backlogged and await self._call(self.engine.has_work):
+            return None
+        if self.publisher.has_pending:
+            # Redis is failing: retry the flush now and then, but react to messages at once.
+            try:
+                return await asyncio.wait_for(inbox.get(), timeout=self._retry_s)
+            except TimeoutError:
+                return None
+        return await inbox.get()
+
+    async def _drain(self, first: scheduler_pb2.WorkerSessionResponse | None) -> bool:
+        assert self.session is not None
+        messages = [] if first is None else [first]
+        while not self.session.inbox.empty():
+            messages.append(self.session.inbox.get_nowait())
+        for msg in messages:
+            kind = msg.WhichOneof("message")
+            if kind == "assignment":
+                await self._assign(msg.assignment)
+            elif kind == "plan":
+                newest = self._plan.version if self._plan else self.plan_version
+                if msg.plan.plan_version > newest:
+                    self._plan = plan_from_proto(msg.plan)
+            elif kind == "abort_requests":
+                await self._abort(tuple(msg.abort_requests.request_ids))
+        return bool(messages)
+
+    async def _assign(self, assignment: scheduler_pb2.Assignment) -> None:
+        spec = spec_from_assignment(assignment)
+        if not spec.token_stream_key:
+            spec = replace(spec, token_stream_key=stream_key(spec.request_id, self._prefix))
+        if spec.request_id in self._finishing or await self._call(
+            partial(self.engine.holds, spec.request_id)
+        ):
+            return
+        self.publisher.open(spec.request_id, spec.token_stream_key, spec.resume_from_tokens)
+        if self.engine.needs_payload:
+            try:
+                payload = await self._redis.hgetall(spec.payload_key)
+            except (RedisError, OSError) as err:
+                log.error("request %s: cannot read its payload: %s", spec.request_id, err)
+                payload = {}
+            if not payload:
+                self._finish(Finished(
+                    spec.request_id, generation_pb2.FINISH_REASON_ERROR,
+                    spec.resume_from_tokens,
+                ))
+                return
+            spec = replace(spec, payload={_bytes(k): _bytes(v) for k, v in payload.items()})
+        for done in await self._call(partial(self.engine.add, spec)):
+            self._finish(done)
+
+    async def _abort(self, request_ids: tuple[str, ...]) -> None:
+        for done in await self._call(partial(self.engine.cancel, request_ids)):
+            self._finish(done)
+
+    def _finish(self, done: Finished) -> None:
+        self.publisher.finish(done.request_id, done.reason)
+        self._finishing[done.request_id] = done
+
+    async def _iterate(self) -> None:
+        now = time.time()
+        # An accelerator starts its next step as soon as the last one ends, while the host
+        # publishes and reports the last one's tokens; only after idling does it start "now".
+        # Without this overlap every step would also pay this process's own overhead.
+        behind = now - self._accelerator_free_at
+        start = self._accelerator_free_at if 0.0 <= behind < OVERLAP_LIMIT_S else now
+        outcome = await self._call(partial(self.engine.step, start))
+        end = start + outcome.duration_s
+        self._accelerator_free_at = end
+        # The accelerator's time: an emulated one must take it for real.
+        delay = end - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elapsed = end - start
+        tokens = 0
+        for run in outcome.tokens:
+            self.publisher.add(run)
+            tokens += len(run.token_ids)
+        for done in outcome.finished:
+            self._finish(done)
+        self._forced.extend(outcome.forced_preemptions)
+        self.step_count += 1
+        self._last_step = (start, elapsed)
+        metrics.STEP_SECONDS.observe(elapsed)
+        metrics.TOKENS_GENERATED.inc(tokens)
+
+    async def _publish(self) -> bool:
+        """Flush the iteration's tokens; whether some request's final entry went out."""
+        done = await self.publisher.flush()
+        if not done:
+            return False
+        self._reportable.extend(self._finishing.pop(rid) for rid in done)
+        return True
+
+    async def _report(self) -> None:
+        assert self.session is not None
+        if self._executor is not None:
+            self._progress = await self._call(self.engine.progress)
+        report = self.status_report()
+        report.finished.extend(finished_to_proto(f) for f in self._reportable)
+        report.forced_preemptions.extend(self._forced)
+        self._reportable.clear()
+        self._forced.clear()
+        metrics.KV_BLOCKS_USED.set(report.kv_blocks_total - report.kv_blocks_free)
+        self.session.send_report(report)
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value

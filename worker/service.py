@@ -1,0 +1,106 @@
+"""One worker process: an engine, its loop, its scheduler session and its Redis connection.
+
+The CLI and the tests both start workers through :class:`WorkerService`, so an in-process
+worker in a test is the same object graph as ``python -m worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from andes.latency import load_profile
+from andes.tokenstream import DEFAULT_PREFIX
+from worker.engine import Engine
+from worker.loop import WorkerLoop
+from worker.publisher import TokenPublisher
+from worker.session import SchedulerSession, cancel_and_wait
+from worker.sim_backend import SimBackend
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("sim",)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    scheduler: str
+    redis_url: str
+    backend: str = "sim"
+    profile: str = "a100-opt13b"
+    redis_prefix: str = DEFAULT_PREFIX
+    kv_blocks: int | None = None
+    """Override the profile's KV budget (small budgets exercise preemption)."""
+    max_batch: int | None = None
+    host_kv_blocks: int = 0
+    """Host memory for swapped KV, in blocks (0: swap falls back to recompute)."""
+    heartbeat_s: float = 0.5
+
+
+def build_engine(config: WorkerConfig) -> Engine:
+    if config.backend == "sim":
+        return SimBackend(
+            load_profile(config.profile),
+            kv_blocks=config.kv_blocks,
+            max_batch=config.max_batch,
+            host_kv_blocks=config.host_kv_blocks,
+        )
+    raise ValueError(f"unknown backend {config.backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+class WorkerService:
+    """Owns the worker's tasks; :meth:`run` returns when stopped, raises if a task failed."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        engine: Engine | None = None,
+        on_registered: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine if engine is not None else build_engine(config)
+        self.redis = Redis.from_url(config.redis_url)
+        self.loop = WorkerLoop(
+            self.engine,
+            worker_id=config.worker_id,
+            publisher=TokenPublisher(self.redis),
+            redis=self.redis,
+            redis_prefix=config.redis_prefix,
+        )
+        self._announced = False
+        self._on_registered = on_registered
+        self.session = SchedulerSession(
+            config.scheduler,
+            registration=self.loop.registration,
+            sync_report=self.loop.status_report,
+            heartbeat_s=config.heartbeat_s,
+            on_registered=self._registered,
+        )
+        self.loop.attach(self.session)
+
+    def _registered(self) -> None:
+        if not self._announced:
+            self._announced = True
+            if self._on_registered is not None:
+                self._on_registered()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self.session.run(), name="session"),
+            asyncio.create_task(self.loop.run(), name="loop"),
+        ]
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait(stopper, *tasks)
+            await self.redis.aclose()
+        for task in tasks:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
