@@ -4,7 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test lint bench demo sweep clean protos
+.PHONY: install redis test lint bench demo sweep clean protos
+
+# The services and their tests need a Redis: ANDES_REDIS_URL, or a redis-server binary to start
+# a private one. On a bare machine, install the binary with apt.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+redis:
+	@if [ -z "$$ANDES_REDIS_URL" ] && ! command -v redis-server >/dev/null 2>&1; then \
+		echo "installing redis-server with apt"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; \
+	fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +26,13 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # pytest exits 5 when it collected nothing: that must fail, not pass.
-test: $(STAMP)
+test: $(STAMP) redis
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check andes tests benchmarks
-	$(VENV)/bin/mypy andes
+	$(VENV)/bin/ruff check andes gateway scheduler_service worker loadgen tests benchmarks
+	$(VENV)/bin/mypy andes gateway scheduler_service worker loadgen
 
 # Regenerate andes/v1/*_pb2*.py* from protos/andes/v1/*.proto (the generated files are
 # committed; tests/test_protos.py fails when they are stale).
@@ -33,8 +42,9 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/planner.py
 	$(PY) benchmarks/sim_speed.py
+	$(PY) benchmarks/cluster_vs_sim.py
 
-demo: $(STAMP)
+demo: $(STAMP) redis
 	$(PY) -m andes demo
 
 clean:
