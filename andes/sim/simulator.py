@@ -34,7 +34,8 @@ class SimConfig:
     host_kv_blocks: int = 0
     """Host memory for swapped KV per worker, in blocks (0: swap falls back to recompute)."""
     max_tokens: int | None = None
-    """The output cap the planner is told; default: the context left after the prompt."""
+    """The output cap the planner is told (it never sees true lengths); default: half a
+    worker's KV capacity in tokens. Raised to a request's true length where that is longer."""
 
 
 @dataclass
