@@ -48,6 +48,11 @@ SERVER_OPTIONS = [
 
 REDIS_STARTUP_S = 10.0
 
+REDIS_CONNECTIONS = 256
+"""Redis connections the gateway keeps at most (stream readers, payload writes)."""
+REDIS_POOL_WAIT_S = 10.0
+"""How long a caller waits for a free connection before the request fails."""
+
 
 class StartupError(RuntimeError):
     """The gateway cannot start (Redis unreachable, bad key file, port taken)."""
@@ -83,7 +88,12 @@ class Gateway:
             api_keys = ApiKeys.load(config.api_keys_file) if config.api_keys_file else None
         except (OSError, ValueError) as err:
             raise StartupError(f"API keys file: {err}") from err
-        self._redis = aioredis.from_url(config.redis_url)
+        # A blocking pool: with thousands of streams, callers wait for a free connection
+        # rather than failing with "Too many connections" (the default pool's behaviour).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            config.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_POOL_WAIT_S
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
         await self._wait_for_redis(self._redis)
         self._scheduler = SchedulerClient(config.scheduler)
         self._reporter = DeliveryReporter(

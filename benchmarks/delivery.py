@@ -1,0 +1,341 @@
+"""The token delivery path under load: worker XADD -> Redis -> gateway XREAD -> gRPC -> client.
+
+Starts a local cluster (Redis, scheduler, two sim workers with fast steps and a large batch,
+gateway; each its own process, as ``andes up`` runs them), sends ``--streams`` requests at once
+through the public gRPC API and records, per received message, its first token index, its
+token count and the client's receipt time on the wall clock (``time.time()``). After the run it
+reads every request's token stream back with XRANGE: an entry id's millisecond part is the time
+Redis appended the entry (the worker's XADD), on the same machine's clock. Each entry is
+matched to the message that delivered its first token, which gives the added latency from XADD
+to client receipt per entry.
+
+Reported: delivered tokens/s over the busy period (first to last receipt), XADD-to-receipt
+p50/p99/max, the client's own send lag and event-loop lag (so the client is not mistaken for
+the bottleneck), and CPU% per process sampled from /proc during the run.
+
+The plan round trip (snapshot -> plan applied at a worker) is not observable from outside the
+services: neither the scheduler nor the worker logs or exports when a plan is sent or applied.
+What is exported, the scheduler's plan computation time (``andes_plan_latency_seconds``), is
+scraped and reported as the only measured component.
+
+Entry ids have 1 ms resolution (the XADD happened within [ms, ms + 1)), so latencies are taken
+from the middle of that millisecond: each figure is exact to +-0.5 ms.
+Writes benchmarks/results/delivery.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import redis.asyncio as aioredis
+
+from andes.tokenstream import DEFAULT_PREFIX, stream_key
+from andes.up import ClusterConfig, LocalCluster, free_port
+from andes.v1 import generation_pb2, generation_pb2_grpc
+from loadgen.driver import synthetic_prompt
+
+RESULTS = Path(__file__).resolve().parent / "results" / "delivery.json"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Stream:
+    request_id: str
+    sent_unix_s: float = 0.0
+    messages: list[tuple[int, int, float]] = field(default_factory=list)
+    """(index of the first token, token count, receipt time.time()) per message."""
+    error: str = ""
+    finish_reason: int = 0
+
+
+async def _one(stub: Any, stream: Stream, request: Any) -> None:
+    try:
+        async for message in stub.Generate(request):
+            stream.messages.append((message.index, len(message.token_ids), time.time()))
+            if message.finish_reason:
+                stream.finish_reason = message.finish_reason
+    except grpc.aio.AioRpcError as err:
+        stream.error = err.code().name
+
+
+async def _loop_lag(stop: asyncio.Event, samples: list[float], period_s: float = 0.01) -> None:
+    """How late the client's event loop wakes up: a busy client shows here."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        await asyncio.sleep(period_s)
+        samples.append(time.perf_counter() - start - period_s)
+
+
+async def drive(
+    target: str, n: int, prompt_tokens: int, output_tokens: int, channels: int,
+    tds: float, run_id: str,
+) -> tuple[list[Stream], np.ndarray, list[float]]:
+    chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in chans]  # type: ignore[no-untyped-call]
+    streams: list[Stream] = []
+    tasks: list[asyncio.Task[None]] = []
+    lags = np.zeros(n)
+    loop_lag: list[float] = []
+    stop = asyncio.Event()
+    lag_task = asyncio.create_task(_loop_lag(stop, loop_lag))
+    prompt = synthetic_prompt(prompt_tokens)
+    start = time.perf_counter()
+    try:
+        for i in range(n):  # all intended at t=0: the lag is the client's own send delay
+            lags[i] = time.perf_counter() - start
+            stream = Stream(request_id=f"{run_id}-{i}", sent_unix_s=time.time())
+            request = generation_pb2.GenerateRequest(
+                request_id=stream.request_id, prompt=prompt, max_tokens=output_tokens,
+                qoe=generation_pb2.QoESpec(ttft_s=5.0, tds=tds),
+            )
+            streams.append(stream)
+            tasks.append(asyncio.create_task(_one(stubs[i % channels], stream, request)))
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        await lag_task
+        for chan in chans:
+            await chan.close()
+    return streams, lags, loop_lag
+
+
+async def read_entries(
+    redis_url: str, streams: list[Stream]
+) -> dict[str, list[tuple[float, int, int]]]:
+    """Per request: (XADD time as unix s, first token index, token count) per stream entry."""
+    client = aioredis.Redis.from_url(redis_url)
+    out: dict[str, list[tuple[float, int, int]]] = {}
+    try:
+        for lo in range(0, len(streams), 200):
+            batch = streams[lo:lo + 200]
+            pipe = client.pipeline(transaction=False)
+            for s in batch:
+                pipe.xrange(stream_key(s.request_id, DEFAULT_PREFIX))
+            replies = await pipe.execute()
+            for s, entries in zip(batch, replies, strict=True):
+                rows = []
+                for entry_id, fields in entries:
+                    ms = int(entry_id.split(b"-")[0])
+                    rows.append(((ms + 0.5) / 1000.0, int(fields[b"i"]), len(fields[b"t"]) // 4))
+                out[s.request_id] = rows
+    finally:
+        await client.aclose()
+    return out
+
+
+class CpuSampler(threading.Thread):
+    """CPU% per named process from /proc/<pid>/stat, sampled every ``period_s``."""
+
+    def __init__(self, pids: dict[str, int], period_s: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.period_s = period_s
+        self.samples: dict[str, list[float]] = {name: [] for name in pids}
+        self.halt = threading.Event()
+
+    @staticmethod
+    def _ticks(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return int(fields[11]) + int(fields[12])  # utime + stime (this thread group)
+
+    def run(self) -> None:
+        last = {name: self._ticks(pid) for name, pid in self.pids.items()}
+        t_last = time.monotonic()
+        while not self.halt.wait(self.period_s):
+            now = time.monotonic()
+            for name, pid in self.pids.items():
+                ticks = self._ticks(pid)
+                self.samples[name].append(
+                    100.0 * (ticks - last[name]) / CLK_TCK / (now - t_last)
+                )
+                last[name] = ticks
+            t_last = now
+
+
+def scrape_histogram(port: int, name: str) -> dict[str, float]:
+    """Cumulative buckets of one Prometheus histogram, {le: count} plus sum and count."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[f"le_{le}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith((f"{name}_sum ", f"{name}_count ")):
+            out[line.split(" ", 1)[0].removeprefix(name + "_")] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def analyse(
+    streams: list[Stream], entries: dict[str, list[tuple[float, int, int]]]
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    token_weights: list[int] = []
+    receipts: list[float] = []
+    tokens = 0
+    unmatched = 0
+    xadd_times: list[float] = []
+    for s in streams:
+        msgs = sorted(s.messages)
+        starts = np.array([m[0] for m in msgs], dtype=np.int64)
+        ends = starts + np.array([m[1] for m in msgs], dtype=np.int64)
+        for _index, count, t in msgs:
+            if count:
+                receipts.append(t)
+                tokens += count
+        for xadd_s, index, count in entries.get(s.request_id, []):
+            if count == 0:
+                continue  # a bare finish entry carries no token
+            xadd_times.append(xadd_s)
+            # The message that delivered this entry's first token.
+            j = int(np.searchsorted(ends, index, side="right"))
+            if j >= len(msgs) or not starts[j] <= index < ends[j]:
+                unmatched += 1
+                continue
+            latencies.append(msgs[j][2] - xadd_s)
+            token_weights.append(count)
+    lat = np.array(latencies)
+    weights = np.array(token_weights)
+    recv = np.array(receipts)
+    busy_s = float(recv.max() - recv.min()) if recv.size > 1 else float("nan")
+    xadd = np.array(xadd_times)
+    xadd_busy_s = float(xadd.max() - xadd.min()) if xadd.size > 1 else float("nan")
+    per_token = np.repeat(lat, weights) if lat.size else lat
+    return {
+        "tokens_delivered": tokens,
+        "busy_period_s": busy_s,
+        "delivered_tokens_per_s": tokens / busy_s if busy_s else float("nan"),
+        "xadd_tokens_per_s": int(weights.sum()) / xadd_busy_s if xadd_busy_s else float("nan"),
+        "stream_entries": int(lat.size) + unmatched,
+        "entries_unmatched": unmatched,
+        "tokens_per_entry_mean": float(weights.mean()) if weights.size else float("nan"),
+        "messages": len(recv),
+        "tokens_per_message_mean": tokens / len(recv) if len(recv) else float("nan"),
+        "xadd_to_client_ms": {
+            "per_entry_p50": 1e3 * pct(lat, 50),
+            "per_entry_p90": 1e3 * pct(lat, 90),
+            "per_entry_p99": 1e3 * pct(lat, 99),
+            "per_entry_max": 1e3 * float(lat.max()) if lat.size else float("nan"),
+            "per_entry_min": 1e3 * float(lat.min()) if lat.size else float("nan"),
+            "per_token_p50": 1e3 * pct(per_token, 50),
+            "per_token_p99": 1e3 * pct(per_token, 99),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--streams", type=int, default=2000)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--output-tokens", type=int, default=300)
+    parser.add_argument("--tds", type=float, default=20.0,
+                        help="QoE token delivery speed asked for, tokens/s")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--profile", default="h100-llama3-8b")
+    parser.add_argument("--max-batch", type=int, default=1024)
+    parser.add_argument("--policy", default="andes")
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--log-dir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    scheduler_metrics = free_port()
+    os.environ["ANDES_SCHEDULER_METRICS_PORT"] = str(scheduler_metrics)
+    config = ClusterConfig(
+        workers=args.workers, policy=args.policy, profile=args.profile,
+        gateway_port=free_port(), scheduler_port=free_port(),
+        worker_args=("--max-batch", str(args.max_batch)),
+        gateway_args=("--max-streams", str(max(4096, 2 * args.streams))),
+    )
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    with LocalCluster(config, log_dir=args.log_dir) as cluster:
+        pids = {s.name: s.process.pid for s in cluster._services}
+        if cluster._redis is not None:
+            pids["redis"] = cluster._redis.pid
+        pids["client"] = os.getpid()
+        sampler = CpuSampler(pids, period_s=0.5)
+        sampler.start()
+        t0 = time.time()
+        streams, send_lag, loop_lag = asyncio.run(drive(
+            cluster.gateway_addr, args.streams, args.prompt_tokens, args.output_tokens,
+            args.channels, args.tds, f"dl{int(t0)}",
+        ))
+        wall_s = time.time() - t0
+        sampler.halt.set()
+        sampler.join()
+        entries = asyncio.run(read_entries(cluster.redis_url, streams))
+        try:
+            plan_hist = scrape_histogram(scheduler_metrics, "andes_plan_latency_seconds")
+        except OSError as err:
+            plan_hist = {"error": str(err)}
+
+    result = analyse(streams, entries)
+    errors: dict[str, int] = {}
+    for s in streams:
+        if s.error:
+            errors[s.error] = errors.get(s.error, 0) + 1
+    lag = np.array(loop_lag)
+    busy = {name: [v for v in vals] for name, vals in sampler.samples.items()}
+    # CPU over the samples where the cluster was doing something (the busy seconds).
+    cpu = {
+        name: {"mean_pct": float(np.mean(v)) if v else 0.0,
+               "max_pct": float(np.max(v)) if v else 0.0}
+        for name, v in busy.items()
+    }
+    document = {
+        "config": vars(args) | {"json": str(args.json),
+                                "log_dir": str(args.log_dir) if args.log_dir else None,
+                                "cpu_cores": os.cpu_count()},
+        "wall_s": wall_s,
+        "requests": args.streams,
+        "completed": sum(1 for s in streams if s.finish_reason and not s.error),
+        "errors": errors,
+        **result,
+        "client": {
+            "send_lag_ms_p50": 1e3 * pct(send_lag, 50),
+            "send_lag_ms_max": 1e3 * float(send_lag.max()),
+            "event_loop_lag_ms_p50": 1e3 * pct(lag, 50),
+            "event_loop_lag_ms_p99": 1e3 * pct(lag, 99),
+            "event_loop_lag_ms_max": 1e3 * float(lag.max()) if lag.size else float("nan"),
+        },
+        "cpu_percent": cpu,
+        "cpu_percent_samples": {k: [round(x, 1) for x in v] for k, v in busy.items()},
+        "plan_round_trip": {
+            "measured": False,
+            "why": "no service logs or exports when a plan is sent or applied; measuring it "
+                   "needs instrumentation in scheduler_service and worker",
+            "plan_compute_seconds_histogram": plan_hist,
+        },
+        "goals": {
+            "delivered_tokens_per_s_min": 30000,
+            "xadd_to_client_p99_ms_max": 25,
+            "plan_round_trip_p99_ms_max": 5,
+        },
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    printable = {k: v for k, v in document.items() if k != "cpu_percent_samples"}
+    print(json.dumps(printable, indent=2))
+
+
+if __name__ == "__main__":
+    main()
