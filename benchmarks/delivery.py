@@ -66,7 +66,7 @@ async def _one(stub: Any, stream: Stream, request: Any) -> None:
             if message.finish_reason:
                 stream.finish_reason = message.finish_reason
     except grpc.aio.AioRpcError as err:
-        stream.error = err.code().name
+        stream.error = f"{err.code().name}: {err.details()}"
 
 
 async def _loop_lag(stop: asyncio.Event, samples: list[float], period_s: float = 0.01) -> None:
