@@ -32,41 +32,21 @@ import os
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import redis.asyncio as aioredis
 
 from andes.tokenstream import DEFAULT_PREFIX, stream_key
 from andes.up import ClusterConfig, LocalCluster, free_port
-from andes.v1 import generation_pb2, generation_pb2_grpc
-from loadgen.driver import synthetic_prompt
+from andes.workload import Workload
+from loadgen.driver import DriveResult, StreamRecord
+from loadgen.driver import drive as drive_workload
 
 RESULTS = Path(__file__).resolve().parent / "results" / "delivery.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Stream:
-    request_id: str
-    sent_unix_s: float = 0.0
-    messages: list[tuple[int, int, float]] = field(default_factory=list)
-    """(index of the first token, token count, receipt time.time()) per message."""
-    error: str = ""
-    finish_reason: int = 0
-
-
-async def _one(stub: Any, stream: Stream, request: Any) -> None:
-    try:
-        async for message in stub.Generate(request):
-            stream.messages.append((message.index, len(message.token_ids), time.time()))
-            if message.finish_reason:
-                stream.finish_reason = message.finish_reason
-    except grpc.aio.AioRpcError as err:
-        stream.error = f"{err.code().name}: {err.details()}"
 
 
 async def _loop_lag(stop: asyncio.Event, samples: list[float], period_s: float = 0.01) -> None:
@@ -78,40 +58,33 @@ async def _loop_lag(stop: asyncio.Event, samples: list[float], period_s: float =
 
 
 async def drive(
-    target: str, n: int, prompt_tokens: int, output_tokens: int, channels: int,
-    tds: float, run_id: str,
-) -> tuple[list[Stream], np.ndarray, list[float]]:
-    chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
-    stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in chans]  # type: ignore[no-untyped-call]
-    streams: list[Stream] = []
-    tasks: list[asyncio.Task[None]] = []
-    lags = np.zeros(n)
+    target: str, workload: Workload, channels: int, run_id: str
+) -> tuple[DriveResult, list[float]]:
+    """The load generator's open-loop driver, with the client's event-loop lag sampled."""
     loop_lag: list[float] = []
     stop = asyncio.Event()
     lag_task = asyncio.create_task(_loop_lag(stop, loop_lag))
-    prompt = synthetic_prompt(prompt_tokens)
-    start = time.perf_counter()
     try:
-        for i in range(n):  # all intended at t=0: the lag is the client's own send delay
-            lags[i] = time.perf_counter() - start
-            stream = Stream(request_id=f"{run_id}-{i}", sent_unix_s=time.time())
-            request = generation_pb2.GenerateRequest(
-                request_id=stream.request_id, prompt=prompt, max_tokens=output_tokens,
-                qoe=generation_pb2.QoESpec(ttft_s=5.0, tds=tds),
-            )
-            streams.append(stream)
-            tasks.append(asyncio.create_task(_one(stubs[i % channels], stream, request)))
-        await asyncio.gather(*tasks)
+        result = await drive_workload(target, workload, run_id=run_id, channel_count=channels)
     finally:
         stop.set()
         await lag_task
-        for chan in chans:
-            await chan.close()
-    return streams, lags, loop_lag
+    return result, loop_lag
+
+
+def burst(n: int, prompt_tokens: int, output_tokens: int, tds: float) -> Workload:
+    """``n`` requests all due at t=0: any send lag is the client's own."""
+    return Workload(
+        arrival_s=np.zeros(n),
+        prompt_tokens=np.full(n, prompt_tokens),
+        output_tokens=np.full(n, output_tokens),
+        ttft_s=np.full(n, 5.0),
+        tds=np.full(n, tds),
+    )
 
 
 async def read_entries(
-    redis_url: str, streams: list[Stream]
+    redis_url: str, streams: list[StreamRecord]
 ) -> dict[str, list[tuple[float, int, int]]]:
     """Per request: (XADD time as unix s, first token index, token count) per stream entry."""
     client = aioredis.Redis.from_url(redis_url)
@@ -185,7 +158,7 @@ def pct(values: np.ndarray, q: float) -> float:
 
 
 def analyse(
-    streams: list[Stream], entries: dict[str, list[tuple[float, int, int]]]
+    streams: list[StreamRecord], entries: dict[str, list[tuple[float, int, int]]]
 ) -> dict[str, Any]:
     latencies: list[float] = []
     token_weights: list[int] = []
@@ -275,14 +248,16 @@ def main() -> None:
         sampler = CpuSampler(pids, period_s=0.5)
         sampler.start()
         t0 = time.time()
-        streams, send_lag, loop_lag = asyncio.run(drive(
-            cluster.gateway_addr, args.streams, args.prompt_tokens, args.output_tokens,
-            args.channels, args.tds, f"dl{int(t0)}",
-        ))
+        workload = burst(args.streams, args.prompt_tokens, args.output_tokens, args.tds)
+        driven, loop_lag = asyncio.run(
+            drive(cluster.gateway_addr, workload, args.channels, f"dl{int(t0)}")
+        )
+        streams, send_lag = driven.records, driven.send_lag_s
         wall_s = time.time() - t0
         sampler.halt.set()
         sampler.join()
         entries = asyncio.run(read_entries(cluster.redis_url, streams))
+        plan_hist: Mapping[str, float | str]
         try:
             plan_hist = scrape_histogram(scheduler_metrics, "andes_plan_latency_seconds")
         except OSError as err:
@@ -292,7 +267,8 @@ def main() -> None:
     errors: dict[str, int] = {}
     for s in streams:
         if s.error:
-            errors[s.error] = errors.get(s.error, 0) + 1
+            key = f"{s.error}: {s.error_detail}"
+            errors[key] = errors.get(key, 0) + 1
     lag = np.array(loop_lag)
     busy = {name: [v for v in vals] for name, vals in sampler.samples.items()}
     # CPU over the samples where the cluster was doing something (the busy seconds).

@@ -40,10 +40,15 @@ class StreamRecord:
     tds: float
     token_times: list[float] = field(default_factory=list)
     """Receipt time of every token (a message of k tokens gives k equal entries)."""
+    messages: list[tuple[int, int, float]] = field(default_factory=list)
+    """(index of the first token, token count, receipt time on the wall clock) per message:
+    comparable with Redis stream entry IDs, which are the same machine's wall clock."""
     indices_ok: bool = True
     """Token indices arrived contiguous from 0, nothing duplicated or missing."""
     finish_reason: int = 0
     error: str = ""
+    """The gRPC status code's name if the stream failed."""
+    error_detail: str = ""
 
     @property
     def qoe(self) -> float:
@@ -88,6 +93,7 @@ async def _stream(
         call = stub.Generate(request, metadata=metadata)
         async for message in call:
             now = time.perf_counter() - clock
+            record.messages.append((message.index, len(message.token_ids), time.time()))
             if message.index != expected:
                 record.indices_ok = False
             expected = message.index + len(message.token_ids)
@@ -96,6 +102,7 @@ async def _stream(
                 record.finish_reason = message.finish_reason
     except grpc.aio.AioRpcError as err:
         record.error = err.code().name
+        record.error_detail = err.details() or ""
 
 
 async def drive(
@@ -104,9 +111,10 @@ async def drive(
     *,
     run_id: str = "run",
     api_key: str | None = None,
+    channel_count: int = CHANNELS,
 ) -> DriveResult:
     """Send ``workload`` to the gateway at ``target`` and wait for every stream to end."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(CHANNELS)]
+    channels = [grpc.aio.insecure_channel(target) for _ in range(channel_count)]
     stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     records: list[StreamRecord] = []
@@ -136,7 +144,9 @@ async def drive(
             )
             records.append(record)
             tasks.append(
-                asyncio.create_task(_stream(stubs[i % CHANNELS], record, request, clock, metadata))
+                asyncio.create_task(
+                    _stream(stubs[i % channel_count], record, request, clock, metadata)
+                )
             )
         await asyncio.gather(*tasks)
     finally:
