@@ -17,12 +17,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlparse
 
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 180.0
 
 
 def free_port() -> int:
@@ -57,6 +58,9 @@ class ClusterConfig:
     worker_args: tuple[str, ...] = ()
     """Extra flags for every worker (e.g. ``--kv-blocks 400``)."""
     gateway_args: tuple[str, ...] = ()
+    model: str | None = None
+    """Model directory for the ``vllm`` backend; its tokenizer also counts prompt tokens at
+    the gateway."""
 
 
 @dataclass
@@ -107,13 +111,19 @@ class LocalCluster:
                 [python, "-m", "scheduler_service", "--listen", self.scheduler_addr,
                  "--policy", cfg.policy],
             )
-            for index in range(cfg.workers):
-                self._spawn(
+            model_args = ("--model", cfg.model) if cfg.model else ()
+            # Workers start together: a real engine takes seconds to load.
+            waits = [
+                self._launch(
                     f"worker-{index}",
                     [python, "-m", "worker", "--backend", cfg.backend, "--profile", cfg.profile,
                      "--worker-id", f"w{index}", "--scheduler", self.scheduler_addr,
-                     "--redis", self.redis_url, *cfg.worker_args],
+                     "--redis", self.redis_url, *model_args, *cfg.worker_args],
                 )
+                for index in range(cfg.workers)
+            ]
+            for wait in waits:
+                wait()
             self._spawn(
                 "gateway",
                 [python, "-m", "gateway", "--listen", self.gateway_addr,
@@ -153,6 +163,10 @@ class LocalCluster:
         return url
 
     def _spawn(self, name: str, argv: list[str]) -> None:
+        self._launch(name, argv)()
+
+    def _launch(self, name: str, argv: list[str]) -> Callable[[], None]:
+        """Start a service; the returned call waits for its READY line (raises if none)."""
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         process = subprocess.Popen(
@@ -179,10 +193,14 @@ class LocalCluster:
 
         threading.Thread(target=pump, name=f"{name}-output", daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not ready.wait(0.1):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = "".join(service.lines[-20:])
-                raise RuntimeError(f"{name} did not become ready:\n{tail}")
+
+        def wait() -> None:
+            while not ready.wait(0.1):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    tail = "".join(service.lines[-20:])
+                    raise RuntimeError(f"{name} did not become ready:\n{tail}")
+
+        return wait
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM in reverse start order (gateway drains first), SIGKILL after ``grace_s``."""

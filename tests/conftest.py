@@ -13,7 +13,7 @@ import pytest
 
 from andes.up import free_port
 
-__all__ = ["free_port", "redis_url"]
+__all__ = ["free_port", "redis_url", "tiny_model"]
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +47,11 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny random Llama of ``andes model tiny``, built once per run (seed 0)."""
+    from andes.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))

@@ -22,6 +22,7 @@ from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
 from worker.service import BACKENDS, WorkerConfig, WorkerService, build_engine
 from worker.session import RegistrationRefusedError
+from worker.vllm_backend import VllmConfig
 
 
 def _env_int(name: str) -> int | None:
@@ -48,6 +49,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host-kv-blocks", type=int,
                         default=_env_int("ANDES_HOST_KV_BLOCKS") or 0,
                         help="host memory for swapped-out KV, in blocks (0: no swap)")
+    vllm = parser.add_argument_group("vllm backend")
+    vllm.add_argument("--model", default=env("ANDES_MODEL"),
+                      help="model directory (HF format; nothing is downloaded)")
+    vllm.add_argument("--dtype", default=env("ANDES_DTYPE", "auto"))
+    vllm.add_argument("--max-model-len", type=int, default=_env_int("ANDES_MAX_MODEL_LEN") or 2048)
+    vllm.add_argument("--max-batched-tokens", type=int,
+                      default=_env_int("ANDES_MAX_BATCHED_TOKENS") or 2048,
+                      help="token budget of one iteration (prefill chunks plus decodes)")
+    vllm.add_argument("--block-size", type=int, default=_env_int("ANDES_BLOCK_SIZE"),
+                      help="KV block size in tokens (default: vLLM's, 128 on CPU)")
+    vllm.add_argument("--kv-cache-space-gib", type=float,
+                      default=float(env("VLLM_CPU_KVCACHE_SPACE", "1")),
+                      help="CPU: memory reserved for the KV cache, GiB")
+    vllm.add_argument("--kv-cache-memory-bytes", type=int,
+                      default=_env_int("ANDES_KV_CACHE_MEMORY_BYTES"),
+                      help="GPU: memory reserved for the KV cache, bytes")
+    vllm.add_argument("--seed", type=int, default=_env_int("ANDES_SEED") or 0)
+    vllm.add_argument("--no-measure-profile", action="store_true",
+                      help="register a flat default profile instead of measuring at start-up")
     parser.add_argument("--metrics-port", type=int,
                         default=_env_int("ANDES_WORKER_METRICS_PORT") or 0,
                         help="serve Prometheus metrics on this port (0: off)")
@@ -60,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.host_kv_blocks < 0:
         parser.error("--host-kv-blocks must be >= 0")
+    if args.backend == "vllm" and not args.model:
+        parser.error("--backend vllm needs --model DIR (or ANDES_MODEL)")
     return args
 
 
@@ -94,10 +116,21 @@ def main(argv: list[str] | None = None) -> int:
         kv_blocks=args.kv_blocks,
         max_batch=args.max_batch,
         host_kv_blocks=args.host_kv_blocks,
+        vllm=VllmConfig(
+            model=args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_batched_tokens=args.max_batched_tokens,
+            block_size=args.block_size,
+            kv_cache_space_gib=args.kv_cache_space_gib,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            seed=args.seed,
+            measure_profile=not args.no_measure_profile,
+        ) if args.model else None,
     )
     try:
         engine = build_engine(config)
-    except ValueError as err:  # unknown profile or backend: a clear message
+    except (ValueError, RuntimeError) as err:  # bad profile, backend, model or vLLM version
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

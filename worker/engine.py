@@ -34,6 +34,9 @@ class RequestSpec:
     """Tokens already published by another worker: generation continues at this index."""
     payload: Mapping[bytes, bytes] | None = None
     """The payload hash from Redis, fetched only for engines that set ``needs_payload``."""
+    generated_token_ids: tuple[int, ...] = ()
+    """For ``needs_payload`` engines: the ``resume_from_tokens`` tokens already published,
+    which a real engine recomputes after the prompt."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class StepOutcome:
     """Requests that completed in this iteration; their last tokens are in ``tokens``."""
     forced_preemptions: list[str] = field(default_factory=list)
     """Requests the engine preempted by itself because KV ran out."""
+    scheduled_tokens: int = 0
+    """Tokens the iteration computed (prefill chunks plus one per decoding request)."""
 
 
 class Engine(Protocol):

@@ -28,10 +28,10 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from andes.tokenstream import DEFAULT_PREFIX, stream_key
+from andes.tokenstream import DEFAULT_PREFIX, decode_chunk, stream_key
 from andes.v1 import generation_pb2, scheduler_pb2
 from worker import metrics
-from worker.engine import Engine, Finished, PlanSpec, Progress
+from worker.engine import Engine, Finished, PlanSpec, Progress, RequestSpec
 from worker.publisher import TokenPublisher
 from worker.session import SchedulerSession
 from worker.wire import (
@@ -84,6 +84,7 @@ class WorkerLoop:
         self._progress: list[Progress] = []
         """The held requests as of the last report (what registrations list)."""
         self._last_step = (time.time(), 0.0)
+        self._scheduled_tokens = 0
         self._executor = ThreadPoolExecutor(1, "engine") if engine.blocking else None
 
     def attach(self, session: SchedulerSession) -> None:
@@ -137,6 +138,7 @@ class WorkerLoop:
             kv_blocks_free=self.engine.kv_blocks_free,
             kv_blocks_total=self.engine.profile.kv_blocks_total,
             plan_version=self.plan_version,
+            scheduled_tokens=self._scheduled_tokens,
         )
 
     # -- the loop ------------------------------------------------------------------------
@@ -222,8 +224,24 @@ class WorkerLoop:
                 ))
                 return
             spec = replace(spec, payload={_bytes(k): _bytes(v) for k, v in payload.items()})
+            if spec.resume_from_tokens:
+                spec = replace(spec, generated_token_ids=await self._published_tokens(spec))
         for done in await self._call(partial(self.engine.add, spec)):
             self._finish(done)
+
+    async def _published_tokens(self, spec: RequestSpec) -> tuple[int, ...]:
+        """The first ``resume_from_tokens`` tokens of the response, read back from Redis."""
+        tokens: list[int] = []
+        try:
+            entries = await self._redis.xrange(spec.token_stream_key)
+        except (RedisError, OSError) as err:
+            log.error("request %s: cannot read its token stream: %s", spec.request_id, err)
+            entries = []
+        for _, fields in entries or ():
+            chunk = decode_chunk({_bytes(k): _bytes(v) for k, v in (fields or {}).items()})
+            if chunk.index == len(tokens):
+                tokens.extend(chunk.token_ids)
+        return tuple(tokens[: spec.resume_from_tokens])
 
     async def _abort(self, request_ids: tuple[str, ...]) -> None:
         for done in await self._call(partial(self.engine.cancel, request_ids)):
@@ -241,6 +259,9 @@ class WorkerLoop:
         behind = now - self._accelerator_free_at
         start = self._accelerator_free_at if 0.0 <= behind < OVERLAP_LIMIT_S else now
         outcome = await self._call(partial(self.engine.step, start))
+        if self.engine.blocking:
+            # A real engine took its time already and says when it started.
+            start = outcome.start_s
         end = start + outcome.duration_s
         self._accelerator_free_at = end
         # The accelerator's time: an emulated one must take it for real.
@@ -257,6 +278,7 @@ class WorkerLoop:
         self._forced.extend(outcome.forced_preemptions)
         self.step_count += 1
         self._last_step = (start, elapsed)
+        self._scheduled_tokens = outcome.scheduled_tokens
         metrics.STEP_SECONDS.observe(elapsed)
         metrics.TOKENS_GENERATED.inc(tokens)
 

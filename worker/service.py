@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 
@@ -20,10 +20,11 @@ from worker.loop import WorkerLoop
 from worker.publisher import TokenPublisher
 from worker.session import SchedulerSession, cancel_and_wait
 from worker.sim_backend import SimBackend
+from worker.vllm_backend import VllmConfig
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sim",)
+BACKENDS = ("sim", "vllm")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class WorkerConfig:
     host_kv_blocks: int = 0
     """Host memory for swapped KV, in blocks (0: swap falls back to recompute)."""
     heartbeat_s: float = 0.5
+    vllm: VllmConfig | None = None
+    """The engine's settings for the ``vllm`` backend (``kv_blocks`` and ``max_batch`` above
+    override its ``num_gpu_blocks`` and ``max_num_seqs``)."""
 
 
 def build_engine(config: WorkerConfig) -> Engine:
@@ -50,6 +54,17 @@ def build_engine(config: WorkerConfig) -> Engine:
             max_batch=config.max_batch,
             host_kv_blocks=config.host_kv_blocks,
         )
+    if config.backend == "vllm":
+        if config.vllm is None:
+            raise ValueError("the vllm backend needs a model directory (--model)")
+        from worker.vllm_backend import VllmBackend
+
+        settings = config.vllm
+        if config.kv_blocks is not None:
+            settings = replace(settings, num_gpu_blocks=config.kv_blocks)
+        if config.max_batch is not None:
+            settings = replace(settings, max_num_seqs=config.max_batch)
+        return VllmBackend(settings)
     raise ValueError(f"unknown backend {config.backend!r}; expected one of {', '.join(BACKENDS)}")
 
 

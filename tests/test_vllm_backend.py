@@ -1,0 +1,292 @@
+"""The vllm backend on a real vLLM engine (CPU build, the tiny random Llama), in-process.
+
+One engine serves the whole module (vLLM takes seconds to start): a small KV budget of 12
+blocks of 32 tokens, so that memory runs out when a test wants it to. Every test leaves the
+engine empty. Greedy decoding makes outputs comparable token for token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from andes.policies.base import State
+from andes.v1 import generation_pb2
+from worker.engine import PlanSpec, RequestSpec, StepOutcome
+
+KV_BLOCKS = 12
+BLOCK_SIZE = 32
+
+_ids = itertools.count()
+_versions = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model: str) -> Iterator[object]:
+    from worker.vllm_backend import VllmBackend, VllmConfig
+
+    engine = VllmBackend(VllmConfig(
+        model=tiny_model, dtype="float32", max_num_seqs=8, max_num_batched_tokens=256,
+        max_model_len=256, num_gpu_blocks=KV_BLOCKS, block_size=BLOCK_SIZE,
+        measure_profile=False,
+    ))
+    yield engine
+    assert not engine.progress(), "a test left requests in the engine"
+
+
+def spec(prompt: str, max_tokens: int, *, request_id: str | None = None,
+         **sampling: object) -> RequestSpec:
+    payload = {
+        b"prompt": prompt.encode(),
+        b"max_tokens": str(max_tokens).encode(),
+        b"sampling": json.dumps({"temperature": 0.0, **sampling}).encode(),
+    }
+    return RequestSpec(
+        request_id=request_id or f"req-{next(_ids)}", prompt_tokens=len(prompt) // 4 + 1,
+        max_tokens=max_tokens, arrival_unix_s=time.time(), ttft_s=1.0, tds=5.0,
+        payload_key="", token_stream_key="", payload=payload,
+    )
+
+
+def plan(**actions: tuple[str, ...]) -> PlanSpec:
+    return PlanSpec(version=next(_versions), **actions)
+
+
+class Run:
+    """Drives the backend like the worker loop does and collects what it streamed."""
+
+    def __init__(self, backend: object) -> None:
+        self.backend = backend
+        self.tokens: dict[str, list[int]] = {}
+        self.text: dict[str, str] = {}
+        self.finished: dict[str, int] = {}
+        self.forced: list[str] = []
+        self.steps = 0
+        self.first_index: dict[str, int] = {}
+        """Where a request's response starts (not 0 for one resumed from elsewhere)."""
+
+    def step(self) -> StepOutcome:
+        outcome: StepOutcome = self.backend.step(time.time())  # type: ignore[attr-defined]
+        self.steps += 1
+        for run in outcome.tokens:
+            got = self.tokens.setdefault(run.request_id, [])
+            start = self.first_index.get(run.request_id, 0)
+            assert run.index == start + len(got), "token runs must be contiguous"
+            got.extend(run.token_ids)
+            self.text[run.request_id] = self.text.get(run.request_id, "") + run.text
+        for done in outcome.finished:
+            self.finished[done.request_id] = done.reason
+            assert done.generated_tokens == self.first_index.get(done.request_id, 0) + len(
+                self.tokens.get(done.request_id, []))
+        self.forced.extend(outcome.forced_preemptions)
+        return outcome
+
+    def until_idle(self, limit: int = 2000) -> None:
+        while self.backend.has_work():  # type: ignore[attr-defined]
+            self.step()
+            assert self.steps < limit, "the engine did not finish"
+
+    def states(self) -> dict[str, State]:
+        return {p.request_id: p.state for p in self.backend.progress()}  # type: ignore
+
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a city by the sea,",
+           "Numbers: 1 2 3 4 5 6", "Bonjour, ça va? 你好 🙂"]
+
+
+def greedy(backend: object, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    run = Run(backend)
+    specs = [spec(p, max_tokens) for p in prompts]
+    for s in specs:
+        assert backend.add(s) == []  # type: ignore[attr-defined]
+    backend.apply(plan(admit=tuple(s.request_id for s in specs)))  # type: ignore[attr-defined]
+    run.until_idle()
+    return [run.tokens[s.request_id] for s in specs]
+
+
+def test_new_requests_wait_for_a_plan_then_run(backend: object) -> None:
+    run = Run(backend)
+    first = spec(PROMPTS[0], 8)
+    backend.add(first)  # type: ignore[attr-defined]
+    assert run.states() == {first.request_id: State.WAITING}
+    assert not backend.has_work()  # type: ignore[attr-defined]
+    backend.apply(plan(admit=(first.request_id,)))  # type: ignore[attr-defined]
+    run.until_idle()
+    assert len(run.tokens[first.request_id]) == 8
+    assert run.finished == {first.request_id: generation_pb2.FINISH_REASON_LENGTH}
+
+
+def test_preemptions_and_resumes_leave_greedy_outputs_unchanged(backend: object) -> None:
+    reference = greedy(backend, PROMPTS, 40)
+    run = Run(backend)
+    specs = [spec(p, 40) for p in PROMPTS]
+    ids = [s.request_id for s in specs]
+    for s in specs:
+        backend.add(s)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=tuple(ids)))  # type: ignore[attr-defined]
+    preempted_at: dict[str, int] = {}
+    while backend.has_work():  # type: ignore[attr-defined]
+        run.step()
+        states = run.states()
+        if run.steps in (5, 12, 21):  # preempt two requests that are decoding
+            victims = tuple(r for r in ids if states.get(r) == State.RUNNING)[:2]
+            backend.apply(plan(preempt=victims))  # type: ignore[attr-defined]
+            after = run.states()
+            assert all(after[v] == State.PREEMPTED for v in victims)
+            preempted_at.update(dict.fromkeys(victims, run.steps))
+        if run.steps in (8, 15, 24):  # ... and bring them back a few steps later
+            parked = tuple(r for r, s in states.items() if s == State.PREEMPTED)
+            backend.apply(plan(resume=parked))  # type: ignore[attr-defined]
+        if run.steps == 30:  # pause one with its KV kept, resume it next step
+            paused = tuple(r for r in ids if states.get(r) == State.RUNNING)[:1]
+            backend.apply(plan(pause=paused))  # type: ignore[attr-defined]
+            assert all(run.states()[p] == State.PAUSED for p in paused)
+        if run.steps == 31:
+            backend.apply(plan(resume=tuple(  # type: ignore[attr-defined]
+                r for r, s in states.items() if s == State.PAUSED)))
+        assert run.steps < 500
+    assert len(preempted_at) >= 2, "the test must really preempt"
+    assert [run.tokens[r] for r in ids] == reference
+    assert not run.forced
+
+
+def test_engine_initiated_preemptions_are_reported_and_parked(backend: object) -> None:
+    # 6 requests of ~6 prompt + 60 output tokens need 3 blocks each at the end: 18 > 12.
+    run = Run(backend)
+    specs = [spec(f"request {i} says hi", 60, ignore_eos=True) for i in range(6)]
+    ids = tuple(s.request_id for s in specs)
+    for s in specs:
+        backend.add(s)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=ids))  # type: ignore[attr-defined]
+    while backend.has_work():  # type: ignore[attr-defined]
+        outcome = run.step()
+        states = run.states()
+        for victim in outcome.forced_preemptions:
+            # Parked: the engine does not take it back by itself.
+            assert states[victim] in (State.PREEMPTED, State.WAITING)
+        assert run.steps < 1000
+        if not backend.has_work() and states:  # type: ignore[attr-defined]
+            # Only parked requests are left: the planner brings them back.
+            backend.apply(plan(  # type: ignore[attr-defined]
+                resume=tuple(r for r, s in states.items() if s == State.PREEMPTED),
+                admit=tuple(r for r, s in states.items() if s == State.WAITING)))
+    assert run.forced, "KV must have run out"
+    assert sorted(run.finished) == sorted(ids)
+    assert all(len(run.tokens[r]) == 60 for r in ids)
+
+
+def test_cancel_during_decode_frees_kv_at_once(backend: object) -> None:
+    run = Run(backend)
+    free_before = backend.kv_blocks_free  # type: ignore[attr-defined]
+    long = spec("A long story begins here and goes on and on", 200, ignore_eos=True)
+    backend.add(long)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=(long.request_id,)))  # type: ignore[attr-defined]
+    for _ in range(20):
+        run.step()
+    held = {p.request_id: p.kv_blocks for p in backend.progress()}  # type: ignore
+    assert held[long.request_id] >= 1
+    assert backend.kv_blocks_free == free_before - held[long.request_id]  # type: ignore
+    done = backend.cancel((long.request_id, long.request_id, "unknown"))  # type: ignore
+    assert [(d.request_id, d.reason, d.generated_tokens) for d in done] == [
+        (long.request_id, generation_pb2.FINISH_REASON_CANCELLED, 20)]
+    # Freed within the iteration boundary: no step in between.
+    assert backend.kv_blocks_free == free_before  # type: ignore[attr-defined]
+    assert backend.progress() == []  # type: ignore[attr-defined]
+    assert backend.cancel((long.request_id,)) == []  # type: ignore[attr-defined]
+
+
+def test_cancel_of_held_and_parked_requests(backend: object) -> None:
+    run = Run(backend)
+    held, parked = spec("never admitted", 10), spec("preempted then cancelled", 30)
+    backend.add(held)  # type: ignore[attr-defined]
+    backend.add(parked)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=(parked.request_id,)))  # type: ignore[attr-defined]
+    for _ in range(4):
+        run.step()
+    backend.apply(plan(preempt=(parked.request_id,)))  # type: ignore[attr-defined]
+    assert run.states() == {held.request_id: State.WAITING, parked.request_id: State.PREEMPTED}
+    done = backend.cancel((held.request_id, parked.request_id))  # type: ignore[attr-defined]
+    assert {d.request_id for d in done} == {held.request_id, parked.request_id}
+    assert backend.progress() == [] and not backend.has_work()  # type: ignore[attr-defined]
+
+
+def test_stop_strings_end_the_response(backend: object) -> None:
+    run = Run(backend)
+    free = spec(PROMPTS[1], 40, ignore_eos=True)
+    backend.add(free)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=(free.request_id,)))  # type: ignore[attr-defined]
+    run.until_idle()
+    text = run.text[free.request_id]
+    stop = next(text[i:i + 3] for i in range(len(text) // 3, len(text) - 3)
+                if text[i:i + 3].strip() == text[i:i + 3] and text.find(text[i:i + 3]) == i)
+    stopped = spec(PROMPTS[1], 40, ignore_eos=True, stop=[stop])
+    backend.add(stopped)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=(stopped.request_id,)))  # type: ignore[attr-defined]
+    run.until_idle()
+    assert run.finished[stopped.request_id] == generation_pb2.FINISH_REASON_STOP
+    assert run.text[stopped.request_id] == text[: text.index(stop)]
+
+
+def test_incremental_text_is_the_decoded_response(backend: object) -> None:
+    """Streamed text deltas add up to the tokenizer's decoding of all the tokens, so
+    multi-byte characters split across tokens are never garbled."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backend.config.model)  # type: ignore[attr-defined]
+    run = Run(backend)
+    specs = [spec(p, 48, ignore_eos=True, temperature=1.0, seed=i)
+             for i, p in enumerate(PROMPTS)]
+    for s in specs:
+        backend.add(s)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=tuple(s.request_id for s in specs)))  # type: ignore[attr-defined]
+    run.until_idle()
+    for s in specs:
+        assert run.text[s.request_id] == tokenizer.decode(
+            run.tokens[s.request_id], skip_special_tokens=True)
+
+
+def test_requests_that_cannot_run_fail_alone(backend: object) -> None:
+    too_long = spec("word " * 300, 10)  # over max_model_len (256)
+    done = backend.add(too_long)  # type: ignore[attr-defined]
+    assert [(d.request_id, d.reason) for d in done] == [
+        (too_long.request_id, generation_pb2.FINISH_REASON_ERROR)]
+    assert greedy(backend, PROMPTS[:1], 4)[0]
+
+
+def test_resumed_request_continues_from_published_tokens(backend: object) -> None:
+    """A request moved from another worker recomputes prompt + published tokens and goes on
+    exactly where greedy decoding would."""
+    full = greedy(backend, PROMPTS[2:3], 30)[0]
+    run = Run(backend)
+    moved = spec(PROMPTS[2], 30)
+    moved = RequestSpec(**{**moved.__dict__, "resume_from_tokens": 12,
+                           "generated_token_ids": tuple(full[:12])})
+    run.first_index[moved.request_id] = 12
+    backend.add(moved)  # type: ignore[attr-defined]
+    backend.apply(plan(admit=(moved.request_id,)))  # type: ignore[attr-defined]
+    run.until_idle()
+    assert run.tokens[moved.request_id] == full[12:]
+
+
+def test_measured_profile_describes_the_engine(backend: object) -> None:
+    from worker.vllm_profile import measure_profile
+
+    profile = measure_profile(backend)  # type: ignore[arg-type]
+    profile.validate()
+    assert profile.kv_blocks_total == KV_BLOCKS
+    assert profile.block_size == BLOCK_SIZE
+    assert profile.max_batch == 8
+    assert profile.compute_s_per_token > 0
+    assert backend.progress() == []  # type: ignore[attr-defined]
+
+
+def test_unknown_vllm_versions_are_refused() -> None:
+    from worker.vllm_scheduler import check_vllm_version
+
+    check_vllm_version("0.32.0")
+    with pytest.raises(RuntimeError, match=r"0\.33\.1 is not supported"):
+        check_vllm_version("0.33.1")

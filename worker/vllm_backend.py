@@ -1,0 +1,286 @@
+"""The ``vllm`` backend: a real vLLM V1 engine, in-process, executing the scheduler's plans.
+
+One ``LLMEngine`` per worker process with the engine core in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so its scheduler - :class:`PlanScheduler` - is an
+object this backend can hand plans to between steps. Async scheduling is off so that the plan
+for step N meets a state in which step N-1 has fully settled. vLLM objects are not
+thread-safe: the loop calls every method from its one engine thread (``blocking``).
+
+Tokenization happens here (vLLM's renderer) and so does detokenization: outputs are DELTA
+outputs whose text vLLM's incremental detokenizer produces, which never splits a multi-byte
+character. Start-up measures the engine's own latency profile (:mod:`worker.vllm_profile`) and
+the scheduler plans this worker with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from andes.latency import LatencyProfile
+from andes.policies.base import State
+from andes.v1 import generation_pb2
+from worker.engine import Finished, PlanSpec, Progress, RequestSpec, StepOutcome, TokenRun
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    "stop": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "abort": generation_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """How to build the engine; every field maps to one vLLM setting."""
+
+    model: str
+    """A model directory (HF format); nothing is downloaded."""
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    """Most sequences per iteration (the profile's ``max_batch``)."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one iteration (prefill chunks plus decodes)."""
+    num_gpu_blocks: int | None = None
+    """Cap on KV blocks (vLLM's ``num_gpu_blocks_override``; honoured on CPU too)."""
+    block_size: int | None = None
+    """KV block size in tokens (vLLM's default: 16 on GPU, 128 on CPU)."""
+    kv_cache_space_gib: float = 1.0
+    """CPU only: memory reserved for KV (``VLLM_CPU_KVCACHE_SPACE``)."""
+    kv_cache_memory_bytes: int | None = None
+    """GPU: memory reserved for KV (vLLM's ``kv_cache_memory_bytes``)."""
+    enforce_eager: bool = True
+    seed: int = 0
+    measure_profile: bool = True
+    """Measure step times at start-up (else a flat default profile is registered)."""
+
+
+def prepare_environment(config: VllmConfig) -> None:
+    """Settings vLLM reads from the environment, before it is imported."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class VllmBackend:
+    """The worker's :class:`~worker.engine.Engine` over an in-process vLLM engine."""
+
+    backend = "vllm"
+    blocking = True
+    needs_payload = True
+
+    def __init__(self, config: VllmConfig) -> None:
+        if not Path(config.model, "config.json").is_file():
+            raise ValueError(f"--model {config.model!r} is not a model directory (no config.json)")
+        prepare_environment(config)
+        from vllm import EngineArgs, LLMEngine
+
+        from worker.vllm_scheduler import PlanScheduler
+
+        self.config = config
+        self.model = Path(config.model).name
+        engine_args: dict[str, Any] = {
+            "model": config.model,
+            "dtype": config.dtype,
+            "max_model_len": config.max_model_len,
+            "max_num_seqs": config.max_num_seqs,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "enforce_eager": config.enforce_eager,
+            "seed": config.seed,
+            "scheduler_cls": PlanScheduler,
+            "async_scheduling": False,
+            "enable_prefix_caching": True,
+        }
+        if config.num_gpu_blocks is not None:
+            engine_args["num_gpu_blocks_override"] = config.num_gpu_blocks + 1  # + null block
+        if config.block_size is not None:
+            engine_args["block_size"] = config.block_size
+        if config.kv_cache_memory_bytes is not None:
+            engine_args["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+        started = time.monotonic()
+        self._engine = LLMEngine.from_engine_args(EngineArgs(**engine_args))
+        self.scheduler: PlanScheduler = self._engine.engine_core.engine_core.scheduler
+        log.info("vLLM engine ready in %.1f s: %d KV blocks of %d tokens",
+                 time.monotonic() - started, self.kv_blocks_total, self.block_size)
+        self._internal: dict[str, str] = {}
+        """Wire request id -> vLLM's internal id (vLLM appends a random suffix)."""
+        self._emitted: dict[str, int] = {}
+        """Wire request id -> index of its next token in the response."""
+        self._stalled = False
+        """Runnable requests exist but the last step computed nothing: wait for a change."""
+        from worker.vllm_profile import default_profile, measure_profile
+
+        self.profile: LatencyProfile = (
+            measure_profile(self) if config.measure_profile else default_profile(self)
+        )
+
+    # -- facts about the engine ----------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return int(self.scheduler.block_size)
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.scheduler.kv_blocks_total
+
+    @property
+    def kv_blocks_free(self) -> int:
+        return self.scheduler.kv_blocks_free
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
+
+    def tokenize(self, text: str) -> list[int]:
+        tokenizer = self._engine.get_tokenizer()
+        return list(tokenizer.encode(text, add_special_tokens=True))
+
+    # -- the engine interface ------------------------------------------------------------
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._internal
+
+    def add(self, spec: RequestSpec) -> list[Finished]:
+        if spec.request_id in self._internal:
+            return []
+        done = spec.resume_from_tokens
+        left = spec.max_tokens - done
+        if left <= 0:
+            return [Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH, done)]
+        try:
+            prompt_ids = self._prompt_ids(spec)
+            params = sampling_params(spec.payload or {}, left)
+            internal = self._engine.add_request(
+                spec.request_id, {"prompt_token_ids": prompt_ids}, params,
+                arrival_time=spec.arrival_unix_s,
+            )
+        except Exception as err:
+            # Too long for the model, bad sampling values, a malformed payload: whatever the
+            # engine refuses, the request fails alone, with the reason in the worker's log.
+            log.warning("request %s refused by the engine: %s", spec.request_id, err)
+            return [Finished(spec.request_id, generation_pb2.FINISH_REASON_ERROR, done)]
+        self._internal[spec.request_id] = internal
+        self._emitted[spec.request_id] = done
+        self._stalled = False
+        return []
+
+    def _prompt_ids(self, spec: RequestSpec) -> list[int]:
+        payload = spec.payload or {}
+        if raw_ids := payload.get(b"prompt_token_ids"):
+            prompt = [int(t) for t in json.loads(raw_ids)]
+        else:
+            prompt = self.tokenize(payload.get(b"prompt", b"").decode())
+        # Resumed from another worker: recompute the prompt plus what it already generated.
+        return prompt + list(spec.generated_token_ids)
+
+    def apply(self, plan: PlanSpec) -> None:
+        from worker.vllm_scheduler import EnginePlan
+
+        def internal(ids: Iterable[str]) -> tuple[str, ...]:
+            return tuple(self._internal[r] for r in ids if r in self._internal)
+
+        self.scheduler.apply_plan(EnginePlan(
+            preempt=internal(plan.preempt),
+            pause=internal(plan.pause),
+            resume=internal(plan.resume),
+            admit=internal(plan.admit),
+        ))
+        self._stalled = False
+
+    def has_work(self) -> bool:
+        return not self._stalled and self.scheduler.has_runnable()
+
+    def step(self, now_s: float) -> StepOutcome:
+        start = time.time()
+        outputs = self._engine.step()
+        duration = time.time() - start
+        record = self.scheduler.last_step
+        self._stalled = not record.scheduled_tokens
+        external = {v: k for k, v in self._internal.items()} if record.forced_preemptions else {}
+        outcome = StepOutcome(
+            start_s=start,
+            duration_s=duration,
+            scheduled_tokens=sum(record.scheduled_tokens.values()),
+            forced_preemptions=[external[r] for r in record.forced_preemptions if r in external],
+        )
+        for output in outputs:
+            rid = output.request_id
+            if rid not in self._emitted:
+                continue
+            completion = output.outputs[0]
+            if completion.token_ids:
+                index = self._emitted[rid]
+                self._emitted[rid] = index + len(completion.token_ids)
+                outcome.tokens.append(
+                    TokenRun(rid, index, tuple(completion.token_ids), completion.text)
+                )
+            if output.finished:
+                reason = FINISH_REASONS.get(
+                    completion.finish_reason or "", generation_pb2.FINISH_REASON_ERROR
+                )
+                outcome.finished.append(Finished(rid, reason, self._forget(rid)))
+        return outcome
+
+    def _forget(self, request_id: str) -> int:
+        del self._internal[request_id]
+        return self._emitted.pop(request_id)
+
+    def cancel(self, request_ids: tuple[str, ...]) -> list[Finished]:
+        held = [r for r in dict.fromkeys(request_ids) if r in self._internal]
+        if not held:
+            return []
+        # Frees the KV blocks now: the scheduler's finish_requests runs inside the call.
+        self._engine.abort_request(held)
+        self._stalled = False
+        return [
+            Finished(rid, generation_pb2.FINISH_REASON_CANCELLED, self._forget(rid))
+            for rid in held
+        ]
+
+    def progress(self) -> list[Progress]:
+        result = []
+        for rid, internal in self._internal.items():
+            request = self.scheduler.requests.get(internal)
+            if request is None:
+                continue
+            state = self.scheduler.state_of(request)
+            result.append(Progress(
+                request_id=rid,
+                generated_tokens=self._emitted[rid],
+                state=state,
+                kv_blocks=self.scheduler.kv_blocks_of(internal)
+                if state in (State.RUNNING, State.PAUSED) else 0,
+            ))
+        return result
+
+
+def sampling_params(payload: Mapping[bytes, bytes], max_tokens: int) -> Any:
+    """vLLM ``SamplingParams`` from the payload's ``sampling`` JSON (see gateway.payload)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sampling: dict[str, Any] = json.loads(payload.get(b"sampling", b"{}") or b"{}")
+    options: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "output_kind": RequestOutputKind.DELTA,
+        "stop": list(sampling.get("stop") or []),
+        "ignore_eos": bool(sampling.get("ignore_eos", False)),
+    }
+    for name in ("temperature", "top_p", "seed"):
+        if sampling.get(name) is not None:
+            options[name] = sampling[name]
+    if sampling.get("top_k"):
+        options["top_k"] = int(sampling["top_k"])
+    return SamplingParams(**options)
