@@ -22,6 +22,7 @@ from andes.latency import list_profiles, load_profile
 from andes.policies import POLICY_NAMES
 from andes.sim.snapshots import time_planner
 from andes.sim.sweep import Row, RunConfig, format_table, json_document, sweep
+from andes.tiny_model import MIN_VOCAB_SIZE, build_tiny_model
 from andes.workload import parse_arrival, parse_lengths, parse_qoe_mix
 
 Handler = Callable[[argparse.Namespace], int]
@@ -51,7 +52,7 @@ def build_parser() -> _Parser:
     parser = _Parser(prog="andes", description="QoE-aware LLM text streaming (Andes).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for add in (_add_sim, _add_bench, _add_demo, _add_up, _add_generate):
+    for add in (_add_sim, _add_bench, _add_demo, _add_up, _add_generate, _add_model):
         add(commands)
     return parser
 
@@ -282,7 +283,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _add_up(commands: Subcommands) -> None:
     up = commands.add_parser("up", help="run a local cluster in the foreground until Ctrl-C")
-    up.add_argument("--backend", choices=("sim",), default="sim")
+    up.add_argument("--backend", choices=("sim", "vllm"), default="sim")
+    up.add_argument("--model", type=Path,
+                    help="model directory for --backend vllm (e.g. from `andes model tiny`)")
     up.add_argument("--workers", type=_positive(int), default=2)
     up.add_argument("--policy", choices=POLICY_NAMES, default="andes")
     up.add_argument("--profile", type=_checked(load_profile), default="a100-opt13b")
@@ -298,10 +301,14 @@ def _up(args: argparse.Namespace) -> int:
 
     from andes.up import ClusterConfig, LocalCluster
 
+    if args.backend == "vllm" and args.model is None:
+        print("andes up: error: --backend vllm needs --model DIR", file=sys.stderr)
+        return 2
     worker_args = ("--kv-blocks", str(args.kv_blocks)) if args.kv_blocks else ()
     config = ClusterConfig(backend=args.backend, workers=int(args.workers), policy=args.policy,
                            profile=args.profile, gateway_port=int(args.gateway_port),
-                           scheduler_port=int(args.scheduler_port), worker_args=worker_args)
+                           scheduler_port=int(args.scheduler_port), worker_args=worker_args,
+                           model=str(args.model) if args.backend == "vllm" else None)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -377,3 +384,48 @@ def _generate(args: argparse.Namespace) -> int:
         return asyncio.run(stream())
     except KeyboardInterrupt:
         return 130
+
+
+# -- model ---------------------------------------------------------------------------------------
+
+
+def _add_model(commands: Subcommands) -> None:
+    model = commands.add_parser("model", help="build model directories for the vLLM backend")
+    model_commands = model.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    tiny = model_commands.add_parser(
+        "tiny", help="a tiny random Llama that vLLM runs on a CPU (built offline, seeded)"
+    )
+    tiny.add_argument("--out", type=Path, required=True, help="write the model directory here")
+    tiny.add_argument("--seed", type=int, default=0, help="seeds the weights (default 0)")
+    tiny.add_argument("--vocab-size", type=_vocab_size, default=2048,
+                      help="tokens in the vocabulary (default 2048)")
+    tiny.add_argument("--force", action="store_true",
+                      help="write into --out even if it is not empty (same-named files replaced)")
+    tiny.set_defaults(handler=_model_tiny)
+
+
+def _vocab_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from err
+    if size < MIN_VOCAB_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_VOCAB_SIZE} (256 bytes and 4 special tokens), got {size}"
+        )
+    return size
+
+
+def _model_tiny(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        print(f"andes: error: {out} exists and is not a directory", file=sys.stderr)
+        return USAGE_ERROR
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        print(f"andes: error: {out} is not empty; pass --force to write into it anyway",
+              file=sys.stderr)
+        return USAGE_ERROR
+    build_tiny_model(out, seed=args.seed, vocab_size=args.vocab_size)
+    print(out)
+    return 0

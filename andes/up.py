@@ -58,6 +58,7 @@ class ClusterConfig:
     worker_args: tuple[str, ...] = ()
     """Extra flags for every worker (e.g. ``--kv-blocks 400``)."""
     gateway_args: tuple[str, ...] = ()
+    scheduler_args: tuple[str, ...] = ()
     model: str | None = None
     """Model directory for the ``vllm`` backend; its tokenizer also counts prompt tokens at
     the gateway."""
@@ -109,7 +110,7 @@ class LocalCluster:
             self._spawn(
                 "scheduler",
                 [python, "-m", "scheduler_service", "--listen", self.scheduler_addr,
-                 "--policy", cfg.policy],
+                 "--policy", cfg.policy, *cfg.scheduler_args],
             )
             model_args = ("--model", cfg.model) if cfg.model else ()
             # Workers start together: a real engine takes seconds to load.

@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policy", choices=POLICY_NAMES, default=env("ANDES_POLICY", "andes"))
     parser.add_argument("--preemption-mode", choices=("recompute", "swap"),
                         default=env("ANDES_PREEMPTION_MODE", "recompute"))
+    parser.add_argument("--max-preemptions", type=int,
+                        default=int(env("ANDES_MAX_PREEMPTIONS", "0")),
+                        help="andes: preemptions per request the planner may make (default 0: "
+                             "admission order and pausing only)")
     parser.add_argument("--plan-interval-ms", type=float,
                         default=_env_float("ANDES_PLAN_INTERVAL_MS", 50.0),
                         help="least time between two plans of one worker")
@@ -57,14 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("plan_interval_ms", "replan_after_s", "worker_timeout_s"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.reassign_grace_s < 0 or args.max_queue < 0:
-        parser.error("--reassign-grace-s and --max-queue must be >= 0")
+    if args.reassign_grace_s < 0 or args.max_queue < 0 or args.max_preemptions < 0:
+        parser.error("--reassign-grace-s, --max-queue and --max-preemptions must be >= 0")
     return args
 
 
 def build_scheduler(args: argparse.Namespace) -> Scheduler:
     return Scheduler(
-        make_policy(args.policy, preemption_mode=args.preemption_mode),
+        make_policy(args.policy, preemption_mode=args.preemption_mode,
+                    max_preemptions=args.max_preemptions),
         plan_interval_s=args.plan_interval_ms / 1000.0,
         replan_after_s=args.replan_after_s,
         worker_timeout_s=args.worker_timeout_s,

@@ -13,7 +13,18 @@ import pytest
 
 from andes.up import free_port
 
-__all__ = ["free_port", "redis_url", "tiny_model"]
+__all__ = ["free_port", "redis_url", "tiny_model", "vllm_backend"]
+
+VLLM_KV_BLOCKS = 12
+VLLM_BLOCK_SIZE = 32
+"""The test engine's KV budget: 384 tokens, so a few requests exhaust it (32: the smallest
+block the CPU attention backend takes)."""
+VLLM_ENGINE_FLAGS = (
+    "--dtype", "float32", "--max-batch", "8", "--max-batched-tokens", "256",
+    "--max-model-len", "256", "--kv-blocks", str(VLLM_KV_BLOCKS),
+    "--block-size", str(VLLM_BLOCK_SIZE),
+)
+"""The same engine settings as worker flags, for clusters in tests."""
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +66,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     from andes.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(tiny_model: str) -> Iterator[object]:
+    """One in-process vllm backend on the tiny model for the run, settings as
+    ``VLLM_ENGINE_FLAGS`` (greedy outputs of a cluster's worker match it token for token)."""
+    from worker.vllm_backend import VllmBackend, VllmConfig
+
+    yield VllmBackend(VllmConfig(
+        model=tiny_model, dtype="float32", max_num_seqs=8, max_num_batched_tokens=256,
+        max_model_len=256, num_gpu_blocks=VLLM_KV_BLOCKS, block_size=VLLM_BLOCK_SIZE,
+        measure_profile=False,
+    ))

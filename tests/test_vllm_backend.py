@@ -1,111 +1,28 @@
 """The vllm backend on a real vLLM engine (CPU build, the tiny random Llama), in-process.
 
-One engine serves the whole module (vLLM takes seconds to start): a small KV budget of 12
-blocks of 32 tokens, so that memory runs out when a test wants it to. Every test leaves the
-engine empty. Greedy decoding makes outputs comparable token for token.
+One engine serves the whole run (``vllm_backend`` in conftest; vLLM takes seconds to start)
+with a KV budget small enough for memory to run out when a test wants it to. Every test leaves
+the engine empty. Greedy decoding makes outputs comparable token for token.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from andes.policies.base import State
 from andes.v1 import generation_pb2
-from worker.engine import PlanSpec, RequestSpec, StepOutcome
-
-KV_BLOCKS = 12
-BLOCK_SIZE = 32
-
-_ids = itertools.count()
-_versions = itertools.count(1)
+from tests.conftest import VLLM_BLOCK_SIZE as BLOCK_SIZE
+from tests.conftest import VLLM_KV_BLOCKS as KV_BLOCKS
+from tests.vllm_support import PROMPTS, Run, greedy, plan, spec
+from worker.engine import RequestSpec
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_model: str) -> Iterator[object]:
-    from worker.vllm_backend import VllmBackend, VllmConfig
-
-    engine = VllmBackend(VllmConfig(
-        model=tiny_model, dtype="float32", max_num_seqs=8, max_num_batched_tokens=256,
-        max_model_len=256, num_gpu_blocks=KV_BLOCKS, block_size=BLOCK_SIZE,
-        measure_profile=False,
-    ))
-    yield engine
-    assert not engine.progress(), "a test left requests in the engine"
-
-
-def spec(prompt: str, max_tokens: int, *, request_id: str | None = None,
-         **sampling: object) -> RequestSpec:
-    payload = {
-        b"prompt": prompt.encode(),
-        b"max_tokens": str(max_tokens).encode(),
-        b"sampling": json.dumps({"temperature": 0.0, **sampling}).encode(),
-    }
-    return RequestSpec(
-        request_id=request_id or f"req-{next(_ids)}", prompt_tokens=len(prompt) // 4 + 1,
-        max_tokens=max_tokens, arrival_unix_s=time.time(), ttft_s=1.0, tds=5.0,
-        payload_key="", token_stream_key="", payload=payload,
-    )
-
-
-def plan(**actions: tuple[str, ...]) -> PlanSpec:
-    return PlanSpec(version=next(_versions), **actions)
-
-
-class Run:
-    """Drives the backend like the worker loop does and collects what it streamed."""
-
-    def __init__(self, backend: object) -> None:
-        self.backend = backend
-        self.tokens: dict[str, list[int]] = {}
-        self.text: dict[str, str] = {}
-        self.finished: dict[str, int] = {}
-        self.forced: list[str] = []
-        self.steps = 0
-        self.first_index: dict[str, int] = {}
-        """Where a request's response starts (not 0 for one resumed from elsewhere)."""
-
-    def step(self) -> StepOutcome:
-        outcome: StepOutcome = self.backend.step(time.time())  # type: ignore[attr-defined]
-        self.steps += 1
-        for run in outcome.tokens:
-            got = self.tokens.setdefault(run.request_id, [])
-            start = self.first_index.get(run.request_id, 0)
-            assert run.index == start + len(got), "token runs must be contiguous"
-            got.extend(run.token_ids)
-            self.text[run.request_id] = self.text.get(run.request_id, "") + run.text
-        for done in outcome.finished:
-            self.finished[done.request_id] = done.reason
-            assert done.generated_tokens == self.first_index.get(done.request_id, 0) + len(
-                self.tokens.get(done.request_id, []))
-        self.forced.extend(outcome.forced_preemptions)
-        return outcome
-
-    def until_idle(self, limit: int = 2000) -> None:
-        while self.backend.has_work():  # type: ignore[attr-defined]
-            self.step()
-            assert self.steps < limit, "the engine did not finish"
-
-    def states(self) -> dict[str, State]:
-        return {p.request_id: p.state for p in self.backend.progress()}  # type: ignore
-
-
-PROMPTS = ["The quick brown fox", "Once upon a time, in a city by the sea,",
-           "Numbers: 1 2 3 4 5 6", "Bonjour, ça va? 你好 🙂"]
-
-
-def greedy(backend: object, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    run = Run(backend)
-    specs = [spec(p, max_tokens) for p in prompts]
-    for s in specs:
-        assert backend.add(s) == []  # type: ignore[attr-defined]
-    backend.apply(plan(admit=tuple(s.request_id for s in specs)))  # type: ignore[attr-defined]
-    run.until_idle()
-    return [run.tokens[s.request_id] for s in specs]
+@pytest.fixture
+def backend(vllm_backend: object) -> Iterator[object]:
+    yield vllm_backend
+    assert not vllm_backend.progress(), "a test left requests in the engine"  # type: ignore
 
 
 def test_new_requests_wait_for_a_plan_then_run(backend: object) -> None:

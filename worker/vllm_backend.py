@@ -162,9 +162,9 @@ class VllmBackend:
         try:
             prompt_ids = self._prompt_ids(spec)
             params = sampling_params(spec.payload or {}, left)
+            prompt = self._engine.renderer.render_cmpl([{"prompt_token_ids": prompt_ids}])[0]
             internal = self._engine.add_request(
-                spec.request_id, {"prompt_token_ids": prompt_ids}, params,
-                arrival_time=spec.arrival_unix_s,
+                spec.request_id, prompt, params, arrival_time=spec.arrival_unix_s
             )
         except Exception as err:
             # Too long for the model, bad sampling values, a malformed payload: whatever the

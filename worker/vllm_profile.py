@@ -56,9 +56,8 @@ def _run(backend: VllmBackend, prompts: list[list[int]], max_tokens: int,
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     ids = []
     for n, prompt in enumerate(prompts):
-        ids.append(engine.add_request(
-            f"calibration-{time.monotonic_ns()}-{n}", {"prompt_token_ids": prompt}, params
-        ))
+        rendered = engine.renderer.render_cmpl([{"prompt_token_ids": prompt}])[0]
+        ids.append(engine.add_request(f"calibration-{time.monotonic_ns()}-{n}", rendered, params))
     backend.scheduler.apply_plan(EnginePlan(admit=tuple(ids)))
     times = []
     while engine.has_unfinished_requests():

@@ -30,9 +30,13 @@ __all__ = [
 ]
 
 
-def make_policy(name: str, *, preemption_mode: str = "recompute") -> Policy:
-    """The policy called ``name`` with its default configuration."""
+def make_policy(
+    name: str, *, preemption_mode: str = "recompute", max_preemptions: int | None = None
+) -> Policy:
+    """The policy called ``name`` with its default configuration; ``max_preemptions``
+    overrides the Andes planners' preemption cap."""
     mode = PreemptionMode(preemption_mode)
+    cap = AndesPolicy.max_preemptions if max_preemptions is None else max_preemptions
     if name == "fcfs":
         return FcfsPolicy()
     if name == "rr":
@@ -40,7 +44,8 @@ def make_policy(name: str, *, preemption_mode: str = "recompute") -> Policy:
     if name == "lqf":
         return least_qoe_first(mode)
     if name == "andes":
-        return AndesPolicy(preemption_mode=mode)
+        return AndesPolicy(preemption_mode=mode, max_preemptions=cap)
     if name == "andes-exact":
-        return AndesPolicy(solver="exact", preemption_mode=mode, name="andes-exact")
+        return AndesPolicy(solver="exact", preemption_mode=mode, name="andes-exact",
+                           max_preemptions=cap)
     raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

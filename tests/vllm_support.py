@@ -1,0 +1,85 @@
+"""Driving a vllm backend in tests the way the worker loop does, and greedy references."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+from andes.policies.base import State
+from worker.engine import PlanSpec, RequestSpec, StepOutcome
+
+_ids = itertools.count()
+_versions = itertools.count(1)
+
+
+def spec(prompt: str, max_tokens: int, *, request_id: str | None = None,
+         **sampling: object) -> RequestSpec:
+    payload = {
+        b"prompt": prompt.encode(),
+        b"max_tokens": str(max_tokens).encode(),
+        b"sampling": json.dumps({"temperature": 0.0, **sampling}).encode(),
+    }
+    return RequestSpec(
+        request_id=request_id or f"req-{next(_ids)}", prompt_tokens=len(prompt) // 4 + 1,
+        max_tokens=max_tokens, arrival_unix_s=time.time(), ttft_s=1.0, tds=5.0,
+        payload_key="", token_stream_key="", payload=payload,
+    )
+
+
+def plan(**actions: tuple[str, ...]) -> PlanSpec:
+    return PlanSpec(version=next(_versions), **actions)
+
+
+class Run:
+    """Drives the backend like the worker loop does and collects what it streamed."""
+
+    def __init__(self, backend: object) -> None:
+        self.backend = backend
+        self.tokens: dict[str, list[int]] = {}
+        self.text: dict[str, str] = {}
+        self.finished: dict[str, int] = {}
+        self.forced: list[str] = []
+        self.steps = 0
+        self.first_index: dict[str, int] = {}
+        """Where a request's response starts (not 0 for one resumed from elsewhere)."""
+
+    def step(self) -> StepOutcome:
+        outcome: StepOutcome = self.backend.step(time.time())  # type: ignore[attr-defined]
+        self.steps += 1
+        for run in outcome.tokens:
+            got = self.tokens.setdefault(run.request_id, [])
+            start = self.first_index.get(run.request_id, 0)
+            assert run.index == start + len(got), "token runs must be contiguous"
+            got.extend(run.token_ids)
+            self.text[run.request_id] = self.text.get(run.request_id, "") + run.text
+        for done in outcome.finished:
+            self.finished[done.request_id] = done.reason
+            assert done.generated_tokens == self.first_index.get(done.request_id, 0) + len(
+                self.tokens.get(done.request_id, []))
+        self.forced.extend(outcome.forced_preemptions)
+        return outcome
+
+    def until_idle(self, limit: int = 2000) -> None:
+        while self.backend.has_work():  # type: ignore[attr-defined]
+            self.step()
+            assert self.steps < limit, "the engine did not finish"
+
+    def states(self) -> dict[str, State]:
+        return {p.request_id: p.state for p in self.backend.progress()}  # type: ignore
+
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a city by the sea,",
+           "Numbers: 1 2 3 4 5 6", "Bonjour, ça va? 你好 🙂"]
+
+
+def greedy(backend: object, prompts: list[str], max_tokens: int,
+           **sampling: object) -> list[list[int]]:
+    """Each prompt's greedy response, all admitted together."""
+    run = Run(backend)
+    specs = [spec(p, max_tokens, **sampling) for p in prompts]
+    for s in specs:
+        assert backend.add(s) == []  # type: ignore[attr-defined]
+    backend.apply(plan(admit=tuple(s.request_id for s in specs)))  # type: ignore[attr-defined]
+    run.until_idle()
+    return [run.tokens[s.request_id] for s in specs]
