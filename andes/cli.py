@@ -243,23 +243,41 @@ def _add_demo(commands: Subcommands) -> None:
     demo.add_argument("--json", type=Path, help="also write the figures as JSON")
     demo.add_argument("--duration", type=_positive(float), default=30.0,
                       help="seconds of arrivals (default 30; the drain takes longer)")
-    demo.add_argument("--rate", type=_positive(float), default=8.0,
-                      help="average requests/s (default 8)")
+    demo.add_argument("--rate", type=_positive(float),
+                      help="average requests/s (default 8; 6 with --backend vllm)")
+    demo.add_argument("--backend", choices=("sim", "vllm"), default="sim",
+                      help="sim: two emulated A100s; vllm: one real vLLM engine on the tiny "
+                           "model (built on the fly unless --model is given)")
+    demo.add_argument("--model", type=Path, help="model directory for --backend vllm")
     demo.set_defaults(handler=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from andes.demo import DemoConfig, plot_demo, run_policy
+    import tempfile
 
-    config = DemoConfig(rate=args.rate, duration_s=args.duration)
-    workload = config.workload()
-    print(f"Two emulated A100s serving OPT-13B ({config.kv_blocks} KV blocks each), ShareGPT-like "
-          f"chat, {config.rate:g} requests/s on average with bursts at twice that: "
-          f"{len(workload)} requests over {config.duration_s:g} s, sent through the gateway.")
-    rows = []
-    for policy in ("fcfs", "andes"):
-        print(f"running {policy} ...", flush=True)
-        rows.append(run_policy(config, policy, workload))
+    from andes.demo import DemoConfig, plot_demo, run_policy, vllm_demo_config
+
+    with tempfile.TemporaryDirectory(prefix="andes-demo-") as scratch:
+        if args.backend == "vllm":
+            model = args.model
+            if model is None:
+                from andes.tiny_model import build_tiny_model
+
+                model = build_tiny_model(Path(scratch) / "tiny-llama")
+            config = vllm_demo_config(str(model), args.rate or 6.0, args.duration)
+            what = (f"One vLLM engine (CPU) serving a tiny random Llama with {config.kv_blocks} "
+                    f"KV blocks of 32 tokens")
+        else:
+            config = DemoConfig(rate=args.rate or 8.0, duration_s=args.duration)
+            what = f"Two emulated A100s serving OPT-13B ({config.kv_blocks} KV blocks each)"
+        workload = config.workload()
+        print(f"{what}, ShareGPT-like chat, {config.rate:g} requests/s on average with bursts "
+              f"at twice that: {len(workload)} requests over {config.duration_s:g} s, sent "
+              "through the gateway.")
+        rows = []
+        for policy in ("fcfs", "andes"):
+            print(f"running {policy} ...", flush=True)
+            rows.append(run_policy(config, policy, workload))
     header = ("policy", "avg QoE", "p10 QoE", "TTFT p90 (s)", "tok/s", "simulator avg QoE",
               "streams ok")
     print("  ".join(f"{h:>17}" for h in header))

@@ -37,6 +37,12 @@ class DemoConfig:
     duration_s: float = 30.0
     arrival: str = "burst:2,0.35,20"
     seed: int = 7
+    backend: str = "sim"
+    model: str | None = None
+    """Model directory of the ``vllm`` backend."""
+    worker_args: tuple[str, ...] = ()
+    """Engine flags beyond ``--kv-blocks`` (block size, lengths, dtype for vllm)."""
+    scheduler_args: tuple[str, ...] = ()
 
     def workload(self) -> Workload:
         return make_workload(
@@ -45,19 +51,40 @@ class DemoConfig:
         )
 
 
+VLLM_BLOCK_SIZE = 32
+
+
+def vllm_demo_config(model: str, rate: float, duration_s: float) -> DemoConfig:
+    """The CPU demo on a real engine: one vllm worker on the tiny model with 96 KV blocks of
+    32 tokens (about five chat requests at once, so memory is the bottleneck as on a loaded
+    GPU). The simulator side uses the measured ``cpu-tiny`` profile with the same budget."""
+    return DemoConfig(
+        profile="cpu-tiny", workers=1, kv_blocks=96, rate=rate, duration_s=duration_s,
+        backend="vllm", model=model,
+        worker_args=("--dtype", "float32", "--block-size", str(VLLM_BLOCK_SIZE),
+                     "--max-model-len", "2048", "--max-batched-tokens", "1024",
+                     "--max-batch", "64"),
+    )
+
+
 def run_policy(config: DemoConfig, policy: str, workload: Workload) -> dict[str, Any]:
     """One policy through the real services, plus the simulator's figures for comparison."""
     # Imported here: the driver pulls in gRPC, which the simulator-only commands do not need.
     from loadgen.driver import drive
 
     profile = dataclasses.replace(load_profile(config.profile), kv_blocks_total=config.kv_blocks)
+    if config.backend == "vllm":
+        profile = dataclasses.replace(profile, block_size=VLLM_BLOCK_SIZE)
     cluster_config = ClusterConfig(
+        backend=config.backend,
+        model=config.model,
         workers=config.workers,
         policy=policy,
         profile=config.profile,
         gateway_port=free_port(),
         scheduler_port=free_port(),
-        worker_args=("--kv-blocks", str(config.kv_blocks)),
+        worker_args=("--kv-blocks", str(config.kv_blocks), *config.worker_args),
+        scheduler_args=config.scheduler_args,
     )
     started = time.monotonic()
     with LocalCluster(cluster_config) as cluster:

@@ -140,6 +140,8 @@ async def drive(
                 request_id=record.request_id,
                 prompt=synthetic_prompt(int(workload.prompt_tokens[i])),
                 max_tokens=int(workload.output_tokens[i]),
+                # The workload fixes output lengths: a real model's end-of-sequence must not.
+                sampling=generation_pb2.SamplingParams(ignore_eos=True),
                 qoe=generation_pb2.QoESpec(ttft_s=record.ttft_s, tds=record.tds),
             )
             records.append(record)

@@ -14,13 +14,14 @@ import os
 import signal
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
 from prometheus_client import start_http_server
 
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
-from worker.service import BACKENDS, WorkerConfig, WorkerService, build_engine
+from worker.service import BACKENDS, WorkerConfig, WorkerService, start_engine
 from worker.session import RegistrationRefusedError
 from worker.vllm_backend import VllmConfig
 
@@ -85,10 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def _main(args: argparse.Namespace, config: WorkerConfig, engine: Engine) -> None:
+async def _main(args: argparse.Namespace, config: WorkerConfig, engine: Engine,
+                engine_thread: ThreadPoolExecutor | None) -> None:
     service = WorkerService(
         config,
         engine=engine,
+        engine_thread=engine_thread,
         on_registered=lambda: print(f"READY worker {config.worker_id}", flush=True),
     )
     if args.metrics_port:
@@ -129,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         ) if args.model else None,
     )
     try:
-        engine = build_engine(config)
+        engine, engine_thread = start_engine(config)
     except (ValueError, RuntimeError) as err:  # bad profile, backend, model or vLLM version
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        uvloop.run(_main(args, config, engine))
+        uvloop.run(_main(args, config, engine, engine_thread))
     except RegistrationRefusedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

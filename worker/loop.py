@@ -12,6 +12,11 @@ One pass is one iteration boundary plus (when there is work) one iteration:
 4. send the step report.
 
 The loop never waits for a plan; with nothing to do it blocks on the inbox.
+
+A real engine (``blocking``) runs on one thread of its own, which also built it. Each call
+there also refreshes what the loop needs to know between calls (has work, free KV, held
+requests), so a step costs one thread hop; and while the engine computes iteration N, the
+loop publishes iteration N-1's tokens, as an accelerator overlaps compute with the host.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from redis.exceptions import RedisError
 from andes.tokenstream import DEFAULT_PREFIX, decode_chunk, stream_key
 from andes.v1 import generation_pb2, scheduler_pb2
 from worker import metrics
-from worker.engine import Engine, Finished, PlanSpec, Progress, RequestSpec
+from worker.engine import Engine, Finished, PlanSpec, Progress, RequestSpec, StepOutcome
 from worker.publisher import TokenPublisher
 from worker.session import SchedulerSession
 from worker.wire import (
@@ -63,6 +68,7 @@ class WorkerLoop:
         redis_prefix: str = DEFAULT_PREFIX,
         retry_s: float = 0.2,
         max_pending_tokens: int = 1 << 16,
+        engine_thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.engine = engine
         self.worker_id = worker_id
@@ -85,7 +91,12 @@ class WorkerLoop:
         """The held requests as of the last report (what registrations list)."""
         self._last_step = (time.time(), 0.0)
         self._scheduled_tokens = 0
-        self._executor = ThreadPoolExecutor(1, "engine") if engine.blocking else None
+        self._executor = engine_thread
+        if engine.blocking and engine_thread is None:
+            raise ValueError("a blocking engine needs its engine thread (engine_thread)")
+        self._has_work = False
+        """The engine's ``has_work()`` after the last call into it."""
+        self._kv_blocks_free = engine.kv_blocks_free
 
     def attach(self, session: SchedulerSession) -> None:
         self.session = session
@@ -93,9 +104,22 @@ class WorkerLoop:
     # -- engine calls: on one thread for blocking engines ----------------------------------
 
     async def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` against the engine, then note the engine's state in the same go."""
         if self._executor is None:
-            return fn()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            result = fn()
+            self._has_work = self.engine.has_work()
+            self._kv_blocks_free = self.engine.kv_blocks_free
+            return result
+
+        def job() -> tuple[T, bool, int, list[Progress]]:
+            engine = self.engine
+            return fn(), engine.has_work(), engine.kv_blocks_free, engine.progress()
+
+        loop = asyncio.get_running_loop()
+        result, self._has_work, self._kv_blocks_free, self._progress = await loop.run_in_executor(
+            self._executor, job
+        )
+        return result
 
     # -- what the session sends ----------------------------------------------------------
 
@@ -115,8 +139,8 @@ class WorkerLoop:
 
     def _progress_protos(self) -> list[scheduler_pb2.RequestProgress]:
         # A registration must list every held request, even one added since the last report
-        # (else the scheduler would place it again); a blocking engine is busy on its own
-        # thread, so for it the last report's view has to do.
+        # (else the scheduler would place it again); a blocking engine may be busy on its own
+        # thread, so for it the view noted after the last call into it (adds included) does.
         if self._executor is None:
             self._progress = self.engine.progress()
         # Report only what is safely in Redis: a request resumed elsewhere starts there.
@@ -135,7 +159,7 @@ class WorkerLoop:
             start_unix_s=start,
             duration_s=duration,
             requests=self._progress_protos(),
-            kv_blocks_free=self.engine.kv_blocks_free,
+            kv_blocks_free=self._kv_blocks_free,
             kv_blocks_total=self.engine.profile.kv_blocks_total,
             plan_version=self.plan_version,
             scheduled_tokens=self._scheduled_tokens,
@@ -155,11 +179,13 @@ class WorkerLoop:
                     await self._call(partial(self.engine.apply, plan))
                     self.plan_version = plan.version
                     changed = True
-                stepped = False
-                if not self._backlogged and await self._call(self.engine.has_work):
-                    await self._iterate()
-                    stepped = True
-                published = await self._publish()
+                stepped = not self._backlogged and self._has_work
+                if stepped and self.engine.blocking:
+                    published = await self._iterate_overlapped()
+                else:
+                    if stepped:
+                        await self._iterate()
+                    published = await self._publish()
                 if stepped or changed or published:
                     await self._report()
         finally:
@@ -175,7 +201,7 @@ class WorkerLoop:
         """The first message to handle, or None when the engine (or Redis) has work."""
         assert self.session is not None
         inbox = self.session.inbox
-        if not self._backlogged and await self._call(self.engine.has_work):
+        if not self._backlogged and self._has_work:
             return None
         if self.publisher.has_pending:
             # Redis is failing: retry the flush now and then, but react to messages at once.
@@ -259,16 +285,29 @@ class WorkerLoop:
         behind = now - self._accelerator_free_at
         start = self._accelerator_free_at if 0.0 <= behind < OVERLAP_LIMIT_S else now
         outcome = await self._call(partial(self.engine.step, start))
-        if self.engine.blocking:
-            # A real engine took its time already and says when it started.
-            start = outcome.start_s
         end = start + outcome.duration_s
         self._accelerator_free_at = end
         # The accelerator's time: an emulated one must take it for real.
         delay = end - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        elapsed = end - start
+        self._absorb(outcome, start, end - start)
+
+    async def _iterate_overlapped(self) -> bool:
+        """One step of a real engine, publishing the previous step's tokens meanwhile."""
+        step = asyncio.ensure_future(self._call(partial(self.engine.step, time.time())))
+        try:
+            published = await self._publish()
+        finally:
+            outcome = await step
+        # Only now: the publisher must not take tokens while a flush is on its way.
+        self._absorb(outcome, outcome.start_s, outcome.duration_s)
+        if not self._has_work:  # nothing to overlap the last tokens with
+            published = await self._publish() or published
+        return published
+
+    def _absorb(self, outcome: StepOutcome, start: float, elapsed: float) -> None:
+        """Hand an iteration's tokens and endings to the publisher and the next report."""
         tokens = 0
         for run in outcome.tokens:
             self.publisher.add(run)
@@ -292,8 +331,6 @@ class WorkerLoop:
 
     async def _report(self) -> None:
         assert self.session is not None
-        if self._executor is not None:
-            self._progress = await self._call(self.engine.progress)
         report = self.status_report()
         report.finished.extend(finished_to_proto(f) for f in self._reportable)
         report.forced_preemptions.extend(self._forced)

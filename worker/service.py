@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
@@ -46,6 +47,18 @@ class WorkerConfig:
     override its ``num_gpu_blocks`` and ``max_num_seqs``)."""
 
 
+def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | None]:
+    """The engine, and for a blocking one the thread that built it and must run it."""
+    if config.backend != "vllm":
+        return build_engine(config), None
+    engine_thread = ThreadPoolExecutor(1, "engine")
+    try:
+        return engine_thread.submit(build_engine, config).result(), engine_thread
+    except BaseException:
+        engine_thread.shutdown(wait=False)
+        raise
+
+
 def build_engine(config: WorkerConfig) -> Engine:
     if config.backend == "sim":
         return SimBackend(
@@ -76,10 +89,13 @@ class WorkerService:
         config: WorkerConfig,
         *,
         engine: Engine | None = None,
+        engine_thread: ThreadPoolExecutor | None = None,
         on_registered: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine if engine is not None else build_engine(config)
+        if engine is None:
+            engine, engine_thread = start_engine(config)
+        self.engine = engine
         self.redis = Redis.from_url(config.redis_url)
         self.loop = WorkerLoop(
             self.engine,
@@ -87,6 +103,7 @@ class WorkerService:
             publisher=TokenPublisher(self.redis),
             redis=self.redis,
             redis_prefix=config.redis_prefix,
+            engine_thread=engine_thread,
         )
         self._announced = False
         self._on_registered = on_registered

@@ -1,0 +1,187 @@
+"""What the distributed system costs on top of a plain vLLM engine, at a saturating load.
+
+Same tiny model, same engine settings and KV budget, same requests (fixed prompts, greedy,
+fixed output lengths), all sent at once so the engine is never idle:
+
+* **plain**: one in-process ``LLMEngine`` with vLLM's own scheduler, stepped in a loop (in a
+  child process, so its memory is gone before the cluster starts);
+* **system**: gateway -> scheduler -> one vllm worker -> Redis -> gRPC clients, with the
+  ``fcfs`` policy (the same admission order as vLLM's).
+
+Output tokens/s of each, their ratio (goal >= 0.9), and where the difference goes: the
+worker's engine time (sum of step durations from its Prometheus metrics) against the run's
+wall time, i.e. how much time the worker spends outside ``engine.step()``.
+Writes benchmarks/results/vllm_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from andes.up import ClusterConfig, LocalCluster, free_port
+from andes.v1 import generation_pb2, generation_pb2_grpc
+
+RESULTS = Path(__file__).resolve().parent / "results" / "vllm_overhead.json"
+
+
+def prompts(count: int) -> list[list[int]]:
+    """Distinct 16-token prompts of ordinary token ids (no prefix-cache sharing)."""
+    return [[5 + (i * 131 + j * 17) % 1800 for j in range(16)] for i in range(count)]
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    return ["--dtype", "float32", "--max-batch", str(args.max_batch),
+            "--max-batched-tokens", str(args.max_batched_tokens),
+            "--max-model-len", "512", "--kv-blocks", str(args.kv_blocks)]
+
+
+def run_plain(args: argparse.Namespace) -> dict[str, Any]:
+    """Child process: vLLM alone, the loop every vLLM user writes."""
+    from worker.vllm_backend import VllmConfig, prepare_environment
+
+    prepare_environment(VllmConfig(model=args.model))
+    from vllm import EngineArgs, LLMEngine, SamplingParams
+
+    engine = LLMEngine.from_engine_args(EngineArgs(
+        model=args.model, dtype="float32", enforce_eager=True, max_model_len=512,
+        max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
+        num_gpu_blocks_override=args.kv_blocks + 1, async_scheduling=False, seed=0,
+    ))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    started = time.perf_counter()
+    for i, ids in enumerate(prompts(args.requests)):
+        engine.add_request(f"plain-{i}", engine.renderer.render_cmpl(
+            [{"prompt_token_ids": ids}])[0], params)
+    tokens = steps = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                tokens += len(output.outputs[0].token_ids)
+        steps += 1
+    elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+            "steps": steps, "mean_step_s": elapsed / steps}
+
+
+async def _drive(target: str, args: argparse.Namespace) -> dict[str, Any]:
+    channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
+    stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
+    last_token = [0.0]
+
+    async def one(i: int, ids: list[int]) -> int:
+        request = generation_pb2.GenerateRequest(
+            request_id=f"overhead-{time.time_ns()}-{i}", prompt_token_ids=ids,
+            max_tokens=args.max_tokens,
+            sampling=generation_pb2.SamplingParams(temperature=0.0, ignore_eos=True),
+            qoe=generation_pb2.QoESpec(ttft_s=1000.0, tds=1000.0),
+        )
+        count = 0
+        async for message in stubs[i % len(stubs)].Generate(request, timeout=600):
+            count += len(message.token_ids)
+            last_token[0] = time.perf_counter()
+        return count
+
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts(args.requests))))
+    elapsed = last_token[0] - started
+    for channel in channels:
+        await channel.close()
+    tokens = sum(counts)
+    return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("andes_step_seconds_sum", "andes_step_seconds_count",
+                            "andes_tokens_generated_total")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values
+
+
+def run_system(args: argparse.Namespace) -> dict[str, Any]:
+    metrics_port = free_port()
+    config = ClusterConfig(
+        backend="vllm", model=args.model, workers=1, policy="fcfs",
+        gateway_port=free_port(), scheduler_port=free_port(),
+        worker_args=(*engine_flags(args), "--metrics-port", str(metrics_port)),
+    )
+    with LocalCluster(config) as cluster:
+        before = _scrape(metrics_port)
+        result = asyncio.run(_drive(cluster.gateway_addr, args))
+        after = _scrape(metrics_port)
+    engine_s = after["andes_step_seconds_sum"] - before.get("andes_step_seconds_sum", 0.0)
+    steps = after["andes_step_seconds_count"] - before.get("andes_step_seconds_count", 0.0)
+    result.update({"steps": int(steps), "engine_seconds": engine_s,
+                   "mean_step_s": engine_s / max(steps, 1),
+                   "outside_engine_fraction": 1 - engine_s / result["seconds"]})
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="model directory (default: build the tiny model)")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-batched-tokens", type=int, default=512)
+    parser.add_argument("--kv-blocks", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_only:
+        print(json.dumps(run_plain(args)))
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.model is None:
+            from andes.tiny_model import build_tiny_model
+
+            args.model = str(build_tiny_model(Path(scratch) / "tiny"))
+        plain_runs, system_runs = [], []
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
+            child = subprocess.run(
+                [sys.executable, __file__, "--plain-only", "--model", args.model,
+                 "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+                 "--max-batch", str(args.max_batch), "--kv-blocks", str(args.kv_blocks),
+                 "--max-batched-tokens", str(args.max_batched_tokens)],
+                check=True, capture_output=True, text=True,
+            )
+            plain_runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            system_runs.append(run_system(args))
+            print(f"plain {plain_runs[-1]['tok_per_s']:.0f} tok/s, "
+                  f"system {system_runs[-1]['tok_per_s']:.0f} tok/s", flush=True)
+    plain = statistics.median(r["tok_per_s"] for r in plain_runs)
+    system = statistics.median(r["tok_per_s"] for r in system_runs)
+    document = {
+        "command": "python benchmarks/vllm_overhead.py " + " ".join(sys.argv[1:]),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plain_only")},
+        "plain_tok_per_s_median": plain,
+        "system_tok_per_s_median": system,
+        "ratio_system_over_plain": system / plain,
+        "plain_runs": plain_runs,
+        "system_runs": system_runs,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"system / plain = {system / plain:.3f}  (goal >= 0.9); "
+          f"worker time outside engine.step(): "
+          f"{statistics.median(r['outside_engine_fraction'] for r in system_runs):.1%}")
+
+
+if __name__ == "__main__":
+    main()
