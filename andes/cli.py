@@ -309,6 +309,8 @@ def _add_up(commands: Subcommands) -> None:
     up.add_argument("--profile", type=_checked(load_profile), default="a100-opt13b")
     up.add_argument("--gateway-port", type=_positive(int), default=50051)
     up.add_argument("--scheduler-port", type=_positive(int), default=50052)
+    up.add_argument("--http-port", type=_positive(int, zero_ok=True), default=8000,
+                    help="the gateway's OpenAI-compatible HTTP API (0: off; default 8000)")
     up.add_argument("--kv-blocks", type=_positive(int), help="KV blocks per worker")
     up.set_defaults(handler=_up)
 
@@ -326,6 +328,7 @@ def _up(args: argparse.Namespace) -> int:
     config = ClusterConfig(backend=args.backend, workers=int(args.workers), policy=args.policy,
                            profile=args.profile, gateway_port=int(args.gateway_port),
                            scheduler_port=int(args.scheduler_port), worker_args=worker_args,
+                           http_port=int(args.http_port) or None,
                            model=str(args.model) if args.backend == "vllm" else None)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

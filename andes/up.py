@@ -53,6 +53,8 @@ class ClusterConfig:
     profile: str = "a100-opt13b"
     gateway_port: int = 50051
     scheduler_port: int = 50052
+    http_port: int | None = None
+    """The gateway's OpenAI-compatible HTTP port (None: no HTTP API)."""
     redis_url: str | None = None
     """None: ``ANDES_REDIS_URL`` if it answers, else a private redis-server."""
     worker_args: tuple[str, ...] = ()
@@ -85,6 +87,12 @@ class LocalCluster:
     @property
     def gateway_addr(self) -> str:
         return f"127.0.0.1:{self.config.gateway_port}"
+
+    @property
+    def http_addr(self) -> str:
+        """``host:port`` of the HTTP API, empty when it is off."""
+        port = self.config.http_port
+        return "" if port is None else f"127.0.0.1:{port}"
 
     @property
     def scheduler_addr(self) -> str:
@@ -125,11 +133,13 @@ class LocalCluster:
             ]
             for wait in waits:
                 wait()
+            tokenizer_args = ("--tokenizer", cfg.model) if cfg.model else ()
             self._spawn(
                 "gateway",
                 [python, "-m", "gateway", "--listen", self.gateway_addr,
+                 "--http-listen", self.http_addr,
                  "--scheduler", self.scheduler_addr, "--redis", self.redis_url,
-                 *cfg.gateway_args],
+                 *tokenizer_args, *cfg.gateway_args],
             )
         except BaseException:
             self.stop()
@@ -225,6 +235,8 @@ class LocalCluster:
     def endpoints(self) -> dict[str, str]:
         return {
             "gateway (gRPC andes.v1.GenerationService)": self.gateway_addr,
+            **({"gateway (HTTP, OpenAI-compatible)": f"http://{self.http_addr}/v1"}
+               if self.http_addr else {}),
             "scheduler (gRPC, internal)": self.scheduler_addr,
             "redis": self.redis_url,
         }

@@ -1,7 +1,8 @@
 """``python -m gateway``: run a gateway until SIGTERM/SIGINT, then drain.
 
-Prints ``READY gateway <host:port>`` on stdout once it serves (scripts and tests wait for that
-line). A second signal during the drain stops at once.
+Prints ``READY gateway <host:port>`` (gRPC) on stdout once it serves, then
+``READY http <host:port>`` when the HTTP API is on (scripts and tests wait for the first line).
+A second signal during the drain stops at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ async def serve(config: GatewayConfig) -> int:
     signalled = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signalled.set)
-    gateway = Gateway(config)
+    try:
+        gateway = Gateway(config)
+    except StartupError as err:
+        print(f"gateway: error: {err}", file=sys.stderr)
+        return 1
     try:
         address = await gateway.start()
     except StartupError as err:
@@ -34,6 +39,8 @@ async def serve(config: GatewayConfig) -> int:
         await gateway.stop()
         return 1
     print(f"READY gateway {address}", flush=True)
+    if gateway.http_address:
+        print(f"READY http {gateway.http_address}", flush=True)
     await signalled.wait()
 
     signalled.clear()

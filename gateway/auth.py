@@ -1,4 +1,5 @@
-"""Optional API keys: ``authorization: Bearer <key>`` metadata checked against hashed keys.
+"""Optional API keys: ``authorization: Bearer <key>`` (gRPC metadata or HTTP header) checked
+against hashed keys.
 
 The key file holds one SHA-256 hex digest per line (``#`` comments and blank lines ignored),
 never the keys themselves, so a leaked config file does not leak credentials. Create a line
@@ -49,8 +50,12 @@ class ApiKeys:
             scheme, _, key = value.partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
                 continue
+            try:
+                digest = hash_key(key.strip())
+            except UnicodeEncodeError:  # undecodable HTTP header bytes: no key of ours
+                continue
             # A set lookup on digests leaks no timing about the keys: the client cannot steer
             # the digest's bytes, so there is nothing to gain from a constant-time compare.
-            if hash_key(key.strip()) in self._digests:
+            if digest in self._digests:
                 return True
         return False

@@ -23,6 +23,10 @@ class GatewayConfig:
     """Everything ``python -m gateway`` can be told."""
 
     listen: str = "127.0.0.1:50051"
+    http_listen: str = ""
+    """The OpenAI-compatible HTTP API's ``host:port``; empty: off (the flag's default is
+    127.0.0.1:8000, but gateways built in-process, as tests do, should not contend for it)."""
+    served_model_name: str = "andes"
     scheduler: str = "127.0.0.1:50052"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = DEFAULT_PREFIX
@@ -34,6 +38,9 @@ class GatewayConfig:
     gateway_id: str = ""
     report_interval_s: float = 0.075
     submit_timeout_s: float = 10.0
+    tokenizer: str = ""
+    """Model directory whose tokenizer counts prompt tokens and renders chats (empty: the
+    approximation and the default chat template)."""
 
     def resolved_gateway_id(self) -> str:
         """The configured id, or ``host:pid:random`` (unique per process, so wake streams and
@@ -41,6 +48,35 @@ class GatewayConfig:
         if self.gateway_id:
             return self.gateway_id
         return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as (host, port); ValueError if malformed."""
+    host, colon, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not (colon and host and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host, int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """The inverse of :func:`split_host_port`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _optional_address(text: str) -> str:
+    if text:
+        try:
+            split_host_port(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _bounded(kind: type[int] | type[float], low: float) -> Callable[[str], float]:
@@ -58,7 +94,8 @@ def _bounded(kind: type[int] | type[float], low: float) -> Callable[[str], float
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway", description="Andes gateway: andes.v1.GenerationService."
+        prog="python -m gateway",
+        description="Andes gateway: andes.v1.GenerationService and an OpenAI-compatible API.",
     )
 
     def flag(name: str, variable: str, default: str | None, help_text: str,
@@ -67,6 +104,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                             help=f"{help_text} (env {variable}; default {default})")
 
     flag("--listen", "ANDES_GATEWAY_LISTEN", "127.0.0.1:50051", "host:port to serve gRPC on")
+    flag("--http-listen", "ANDES_GATEWAY_HTTP_LISTEN", "127.0.0.1:8000",
+         "host:port to serve the OpenAI-compatible HTTP API on (empty: off)", _optional_address)
+    flag("--served-model-name", "ANDES_SERVED_MODEL_NAME", "andes",
+         "the model name the HTTP API lists and answers with", _non_empty)
     flag("--scheduler", "ANDES_SCHEDULER_ADDR", "127.0.0.1:50052", "scheduler host:port")
     flag("--redis", "ANDES_REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL")
     flag("--redis-prefix", "ANDES_REDIS_PREFIX", DEFAULT_PREFIX, "Redis key prefix")
@@ -86,6 +127,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
          "serve Prometheus /metrics on this port of the listen host (0: off)", _bounded(int, 0))
     flag("--drain-seconds", "ANDES_GATEWAY_DRAIN_SECONDS", "30",
          "on SIGTERM, how long streams in progress may take to finish", _bounded(float, 0))
+    flag("--tokenizer", "ANDES_TOKENIZER", "",
+         "model directory whose tokenizer counts prompt tokens and whose chat template "
+         "renders chat requests (empty: chars/4 and the default template)")
     flag("--gateway-id", "ANDES_GATEWAY_ID", "",
          "this gateway's id in scheduler reports (default host:pid:random)")
     return parser
@@ -107,6 +151,8 @@ def parse_config(argv: Sequence[str] | None = None,
         parser.error(str(err))
     return GatewayConfig(
         listen=args.listen,
+        http_listen=args.http_listen,
+        served_model_name=args.served_model_name,
         scheduler=args.scheduler,
         redis_url=args.redis,
         redis_prefix=args.redis_prefix,
@@ -116,4 +162,5 @@ def parse_config(argv: Sequence[str] | None = None,
         metrics_port=int(args.metrics_port),
         drain_seconds=float(args.drain_seconds),
         gateway_id=args.gateway_id,
+        tokenizer=args.tokenizer,
     )

@@ -2,8 +2,10 @@
 
 The gateway is where QoE is measured for real (it knows when each token was handed to its
 client), so the headline metric lives here: ``andes_request_qoe`` per finished request, with
-TTFT and delivered token speed beside it. Each gateway gets its own registry so that several
-can live in one process (tests); ``python -m gateway`` exports the default one.
+TTFT and delivered token speed beside it. Generation requests count the same whichever front
+end (gRPC or HTTP) they came through; ``andes_http_requests_total`` adds the HTTP API's view by
+endpoint. Each gateway gets its own registry so that several can live in one process (tests);
+``python -m gateway`` exports the default one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 TDS_BUCKETS = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0)
 
 OUTCOMES = (
-    "completed",  # finished with STOP or LENGTH
+    "completed",  # finished with STOP or LENGTH (other HTTP endpoints: answered)
     "cancelled",  # Cancel RPC, or finished with CANCELLED
     "disconnected",  # the client went away mid-stream
     "deadline",  # the client's deadline passed
@@ -28,7 +30,7 @@ OUTCOMES = (
     "rejected",  # RESOURCE_EXHAUSTED (max streams, or the scheduler is full)
     "unavailable",  # draining, or the scheduler / Redis is unreachable
     "already_exists",
-    "not_found",  # resuming an unknown request
+    "not_found",  # resuming an unknown request (HTTP: an unknown route)
     "error",  # anything else (worker error, malformed stream)
 )
 
@@ -56,14 +58,20 @@ class GatewayMetrics:
             "andes_tokens_delivered", "Output tokens handed to clients.", registry=self.registry
         )
         self.active_streams = Gauge(
-            "andes_active_streams", "Generate streams in progress.", registry=self.registry
+            "andes_active_streams", "Generation streams in progress (gRPC and HTTP).",
+            registry=self.registry,
         )
         self.requests = Counter(
-            "andes_requests", "Generate calls by how they ended.", ["outcome"],
-            registry=self.registry,
+            "andes_requests", "Generation requests (gRPC and HTTP) by how they ended.",
+            ["outcome"], registry=self.registry,
         )
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
+        self.http_requests = Counter(
+            "andes_http_requests",
+            "HTTP API requests by endpoint (route, or 'other') and outcome (as above).",
+            ["endpoint", "outcome"], registry=self.registry,
+        )
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose ``/metrics`` over HTTP on ``host:port`` (a background thread)."""

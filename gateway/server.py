@@ -1,11 +1,14 @@
-"""Assembly of a gateway: gRPC server, health, reflection, and a graceful drain.
+"""Assembly of a gateway: the generation service behind its gRPC and HTTP front ends, health,
+reflection, and a graceful drain.
 
 :class:`Gateway` owns every long-lived resource (Redis pool, scheduler channel, stream readers,
-delivery stream, gRPC server) so that tests can run a real gateway in-process and the
-``__main__`` shell stays a few lines. Draining (SIGTERM) goes: refuse new streams with
-UNAVAILABLE and report NOT_SERVING on ``grpc.health.v1`` (load balancers stop routing here),
-let the streams in progress finish for up to ``--drain-seconds``, then stop; streams still
-running at that point are cancelled, which aborts their requests on the scheduler.
+delivery stream, gRPC server, HTTP server) so that tests can run a real gateway in-process and
+the ``__main__`` shell stays a few lines. Both servers run on the one asyncio loop and share one
+:class:`~gateway.service.GenerationService`. Draining (SIGTERM) goes: refuse new streams with
+UNAVAILABLE (HTTP 503) and report NOT_SERVING on ``grpc.health.v1`` and ``/healthz`` (load
+balancers stop routing here), let the streams in progress finish for up to
+``--drain-seconds``, then stop; streams still running at that point are cancelled, which aborts
+their requests on the scheduler.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from redis.exceptions import RedisError
 
 from andes.v1 import generation_pb2, generation_pb2_grpc
 from gateway.auth import ApiKeys
-from gateway.config import GatewayConfig
+from gateway.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from gateway.config import GatewayConfig, split_host_port
 from gateway.delivery import DeliveryReporter
+from gateway.grpc_api import GrpcApi
+from gateway.http_api import HttpApi
 from gateway.metrics import GatewayMetrics
 from gateway.payload import PayloadStore
 from gateway.scheduler import SchedulerClient
 from gateway.service import GenerationService
 from gateway.streams import StreamHub
+from gateway.tokens import ModelTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +60,44 @@ REDIS_CONNECTIONS = 256
 REDIS_POOL_WAIT_S = 10.0
 """How long a caller waits for a free connection before the request fails."""
 
+STREAMS_END_S = 1.0
+"""After the servers stopped, how long cancelled streams get to end (each schedules its
+request's Abort on the way out)."""
+
 
 class StartupError(RuntimeError):
     """The gateway cannot start (Redis unreachable, bad key file, port taken)."""
 
 
 class Gateway:
-    """A runnable gateway; ``await start()``, then ``drain()`` or ``stop()``."""
+    """A runnable gateway; ``await start()``, then ``drain()`` or ``stop()``.
 
-    def __init__(self, config: GatewayConfig, *, registry: CollectorRegistry | None = None) -> None:
+    ``chat_template`` renders the HTTP API's chat requests (see :mod:`gateway.chat`); with
+    ``config.tokenizer`` the model's tokenizer counts prompt tokens and its chat template
+    wins (:mod:`gateway.tokens`).
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        chat_template: ChatTemplate = DEFAULT_CHAT_TEMPLATE,
+    ) -> None:
         self.config = config
         self.gateway_id = config.resolved_gateway_id()
         self.metrics = GatewayMetrics(registry)
+        try:
+            self._tokenizer = ModelTokenizer(config.tokenizer) if config.tokenizer else None
+        except ValueError as err:
+            raise StartupError(str(err)) from err
+        self.chat_template = self._tokenizer or chat_template
         self.address = ""
+        self.http_address = ""
+        """The HTTP API's bound ``host:port`` (empty while it is off)."""
         self._redis: aioredis.Redis | None = None
         self._server: grpc.aio.Server | None = None
+        self._http: HttpApi | None = None
         self._health: health.aio.HealthServicer | None = None
         self._service: GenerationService | None = None
         self._hub: StreamHub | None = None
@@ -77,12 +107,14 @@ class Gateway:
 
     @property
     def service(self) -> GenerationService:
+        """The generation service both front ends share (streams in progress, draining)."""
         if self._service is None:
             raise RuntimeError("the gateway has not started")
         return self._service
 
     async def start(self) -> str:
-        """Connect, bind and serve; returns the bound ``host:port``. Raises StartupError."""
+        """Connect, bind and serve; returns the bound gRPC ``host:port`` (the HTTP API's is
+        :attr:`http_address`). Raises StartupError."""
         config = self.config
         try:
             api_keys = ApiKeys.load(config.api_keys_file) if config.api_keys_file else None
@@ -111,9 +143,11 @@ class Gateway:
             api_keys=api_keys,
             max_streams=config.max_streams,
             submit_timeout_s=config.submit_timeout_s,
+            prompt_counter=self._tokenizer,
         )
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self._service, server)  # type: ignore[no-untyped-call]
+        servicer = GrpcApi(self._service)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -127,6 +161,8 @@ class Gateway:
             raise StartupError(f"cannot listen on {config.listen}")
         self._server = server
         await server.start()
+        if config.http_listen:
+            await self._start_http(self._service)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reporter.start()
@@ -134,12 +170,23 @@ class Gateway:
         if config.metrics_port:
             self.metrics.serve(config.metrics_port, host.strip("[]"))
         self.address = f"{host}:{port}"
-        log.info("gateway %s serving on %s (scheduler %s)", self.gateway_id, self.address,
-                 config.scheduler)
+        log.info("gateway %s serving on %s, HTTP %s (scheduler %s)", self.gateway_id,
+                 self.address, self.http_address or "off", config.scheduler)
         return self.address
 
+    async def _start_http(self, service: GenerationService) -> None:
+        config = self.config
+        self._http = HttpApi(service, self.metrics, model=config.served_model_name,
+                             chat_template=self.chat_template)
+        try:
+            host, port = split_host_port(config.http_listen)
+            self.http_address = await self._http.start(host, port)
+        except (OSError, ValueError) as err:
+            raise StartupError(f"cannot listen on {config.http_listen}: {err}") from err
+
     async def begin_drain(self) -> None:
-        """Stop admitting streams and report NOT_SERVING; streams in progress go on."""
+        """Stop admitting streams and report NOT_SERVING (and /healthz 503); streams in
+        progress go on."""
         self.service.start_draining()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
@@ -160,9 +207,14 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
+        servers = []
         if self._server is not None:
-            await self._server.stop(grace_s)
+            servers.append(self._server.stop(grace_s))
+        if self._http is not None:
+            servers.append(self._http.stop())
+        await asyncio.gather(*servers)
         if self._service is not None:
+            await self._service.wait_idle(STREAMS_END_S)
             await self._service.flush_background()
         if self._reporter is not None:
             await self._reporter.close()

@@ -1,16 +1,23 @@
-"""``andes.v1.GenerationService``: admission, submission, and the token stream to the client.
+"""The generation service: one request's way from a front end through the cluster and back.
 
-A Generate call goes: authorize -> admit (draining, stream limit) -> validate -> store the
-payload in Redis -> Submit to the scheduler -> stream the request's tokens from Redis to the
-client. Each read of the token stream becomes one ``GenerateResponse`` holding every token that
-piled up meanwhile (fewer, larger messages when the client or the network is slow), and the
-moment each message is handed to gRPC feeds the request's :class:`~andes.qoe.TokenPacer`, whose
-summary goes to the scheduler: that is the client's buffer of unread tokens the planner uses.
+Both front ends, gRPC ``andes.v1.GenerationService`` (:mod:`gateway.grpc_api`) and the
+OpenAI-compatible HTTP API (:mod:`gateway.http_api`), are thin adapters over this one path, so
+admission, submission, streaming, delivery tracking and aborts behave the same on both:
+
+authorize -> admit (draining, stream limit) -> validate (the front end's request shape) -> store
+the payload in Redis -> Submit to the scheduler -> stream the request's tokens from Redis to the
+client.
+
+Each read of the token stream becomes one :class:`Delta` holding every token that piled up
+meanwhile (fewer, larger messages when the client or the network is slow). A front end writes a
+delta to its client, then asks for the next one: that moment is the delta's delivery time. It
+feeds the request's :class:`~andes.qoe.TokenPacer`, whose summary goes to the scheduler: that is
+the client's buffer of unread tokens the planner uses.
 
 Ending a stream early always tells the scheduler (``Abort``, from a background task that
 outlives the cancelled handler), so an abandoned request frees its KV cache within one worker
-iteration. asyncio.CancelledError is re-raised everywhere: grpc.aio cancels the handler task
-when the client goes away or its deadline passes.
+iteration. asyncio.CancelledError is re-raised everywhere: both servers cancel the handler task
+when the client goes away (grpc.aio also when the deadline passes).
 """
 
 from __future__ import annotations
@@ -20,24 +27,24 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from redis.exceptions import RedisError
 
 from andes.qoe import TokenPacer
 from andes.tokenstream import TokenChunk
-from andes.v1 import generation_pb2, generation_pb2_grpc
+from andes.v1 import generation_pb2
 from gateway.auth import ApiKeys
 from gateway.delivery import DeliveryReporter, Progress
 from gateway.metrics import GatewayMetrics
 from gateway.payload import PayloadStore
 from gateway.scheduler import SchedulerClient, SchedulerError
 from gateway.streams import StreamError, StreamHub, StreamInterrupted, Subscription
-from gateway.tokens import count_prompt_tokens
-from gateway.validation import Limits, ValidationError, ValidRequest, check_request_id, validate
+from gateway.tokens import ApproximateCounter, PromptCounter
+from gateway.validation import Limits, ValidationError, ValidRequest
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +59,31 @@ OUTCOME_BY_CODE = {
     grpc.StatusCode.ALREADY_EXISTS: "already_exists",
     grpc.StatusCode.NOT_FOUND: "not_found",
     grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+    grpc.StatusCode.CANCELLED: "cancelled",
 }
 
+MAX_ABORTED_IDS = 65536
+"""Request ids remembered as aborted (so each gets one Abort); the oldest are forgotten."""
 
-class _StatusError(Exception):
-    """Ends a Generate call with a gRPC status (raised by the steps, turned into abort)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+class GenerationError(Exception):
+    """Ends a generation request with a status.
+
+    The status is a gRPC code on both front ends: it is the gateway's own vocabulary (the
+    scheduler's errors arrive in it); the gRPC API returns it as is, the HTTP API maps it to an
+    HTTP status. ``param`` names the offending request field, when there is one.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
+
+    @classmethod
+    def invalid(cls, err: ValidationError) -> GenerationError:
+        """INVALID_ARGUMENT for a rejected field; the message reads ``field: reason``."""
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, str(err), param=err.field)
 
     @property
     def outcome(self) -> str:
@@ -69,16 +91,46 @@ class _StatusError(Exception):
 
 
 @dataclass
-class _Timeline:
-    """When the request arrived, on both clocks (wall for the scheduler, monotonic for us)."""
+class Call:
+    """One generation request on either front end, from its arrival to its end."""
 
-    arrival_unix_s: float
-    arrival_mono_s: float
+    deadline_s: float | None = None
+    """When the client gives up, on the monotonic clock (None: never)."""
+    arrival_unix_s: float = field(default_factory=time.time)
+    """Arrival on the wall clock: what the scheduler plans with."""
+    arrival_mono_s: float = field(default_factory=time.monotonic)
+    """Arrival on the monotonic clock: what the pacer and the metrics measure from."""
     resumed: bool = False
+    """A reattached stream: its QoE belongs to the stream that started the request."""
+    outcome: str = "error"
+    """How it ended (``andes_requests_total``); set when it ends."""
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline_s is None else self.deadline_s - time.monotonic()
+
+    def deadline_passed(self) -> bool:
+        remaining = self.time_remaining()
+        return remaining is not None and remaining <= 0
 
 
-class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
-    """The servicer; :mod:`gateway.server` wires it to the gRPC server."""
+@dataclass(frozen=True)
+class Delta:
+    """The next tokens of one response, as a front end hands them to its client."""
+
+    request_id: str
+    index: int
+    """Position of its first token in the response (0-based)."""
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: int
+    """0 until the last delta, then the ``andes.v1.FinishReason``."""
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens of the response up to the end of this delta (all of them on the last one)."""
+
+
+class GenerationService:
+    """The shared path; :mod:`gateway.server` builds one per gateway for both front ends."""
 
     def __init__(
         self,
@@ -93,8 +145,10 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         api_keys: ApiKeys | None = None,
         max_streams: int = 4096,
         submit_timeout_s: float = 10.0,
+        prompt_counter: PromptCounter | None = None,
     ) -> None:
         self.limits = limits
+        self.prompt_counter = prompt_counter or ApproximateCounter()
         self.payloads = payloads
         self.hub = hub
         self.scheduler = scheduler
@@ -115,7 +169,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
     # -- lifecycle -------------------------------------------------------------------------
 
     def start_draining(self) -> None:
-        """Refuse new Generate calls (UNAVAILABLE); the ones in progress go on."""
+        """Refuse new requests (UNAVAILABLE); the ones in progress go on."""
         self.draining = True
 
     async def wait_idle(self, timeout_s: float) -> bool:
@@ -131,38 +185,95 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout_s)
 
-    # -- RPCs ------------------------------------------------------------------------------
+    # -- a request, step by step -----------------------------------------------------------
 
-    async def Generate(self, request: generation_pb2.GenerateRequest, context: Any) -> None:
-        timeline = _Timeline(arrival_unix_s=time.time(), arrival_mono_s=time.monotonic())
-        outcome = "error"
-        admitted = False
+    def authorize(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        """UNAUTHENTICATED unless ``metadata`` (gRPC metadata or HTTP headers) carries
+        ``authorization: Bearer <key>`` with an accepted key (any, when keys are off)."""
+        if self.api_keys is not None and not self.api_keys.allows(metadata):
+            raise GenerationError(grpc.StatusCode.UNAUTHENTICATED,
+                                  "missing or unknown API key (authorization: Bearer <key>)")
+
+    @contextlib.contextmanager
+    def admitted(self, call: Call, metadata: Iterable[tuple[str, str | bytes]]) -> Iterator[None]:
+        """Authorize and admit ``call``, count it as a stream in progress while the block runs,
+        and record how it ended. A :class:`ValidationError` raised inside is the request's
+        fault: it leaves the block as INVALID_ARGUMENT."""
+        started = False
         try:
-            self._admit(context)
-            admitted = True
+            self.authorize(metadata)
+            if self.draining:
+                raise GenerationError(grpc.StatusCode.UNAVAILABLE,
+                                      "the gateway is draining: retry on another gateway")
+            if self.active_streams >= self.max_streams:
+                raise GenerationError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"the gateway is at its limit of {self.max_streams} streams")
             self._stream_started()
-            outcome = await self._generate(request, context, timeline)
-        except _StatusError as status:
-            outcome = status.outcome
-            await _fail(context, status.code, status.message)
-        except asyncio.CancelledError:
-            outcome = "deadline" if _deadline_passed(context) else "disconnected"
+            started = True
+            yield
+        except ValidationError as err:
+            call.outcome = "invalid"
+            raise GenerationError.invalid(err) from err
+        except GenerationError as err:
+            call.outcome = err.outcome
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            call.outcome = "deadline" if call.deadline_passed() else "disconnected"
             raise
         finally:
-            if admitted:
+            if started:
                 self._stream_ended()
-            self.metrics.requests.labels(outcome=outcome).inc()
+            self.metrics.requests.labels(outcome=call.outcome).inc()
 
-    async def Cancel(
-        self, request: generation_pb2.CancelRequest, context: Any
-    ) -> generation_pb2.CancelResponse:
+    @contextlib.asynccontextmanager
+    async def generation(
+        self, call: Call, valid: ValidRequest, *, whole: bool = False
+    ) -> AsyncIterator[Generation]:
+        """Start ``valid`` (or reattach to it) and give its response as a :class:`Generation`.
+
+        Raises GenerationError before the block if the request cannot start. Leaving the block
+        before the response's last delta was handed out aborts the request on the scheduler.
+        ``whole``: the response comes as one delta at its end (for a front end that answers
+        only then, so that its tokens count as delivered when they really are).
+        """
+        if valid.is_resume:
+            prompt_tokens, pacer = await self._reattach(valid, call)
+        else:
+            prompt_tokens = self.prompt_counter.count(valid.prompt, valid.prompt_token_ids)
+            pacer = TokenPacer(valid.ttft_s, valid.tds, arrival_s=call.arrival_mono_s)
+            await self._submit(valid, prompt_tokens, call)
+        request_id = valid.request_id
         try:
-            self._authorize(context)
-            request_id = check_request_id(request.request_id)
-        except ValidationError as err:
-            await _fail(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except _StatusError as status:
-            await _fail(context, status.code, status.message)
+            subscription = await self.hub.subscribe(
+                self.payloads.stream_key(request_id), valid.resume_from_index
+            )
+        except BaseException as err:
+            self._abort_soon(request_id, _abort_reason(err, call))
+            raise
+        generation = Generation(self, call, valid, prompt_tokens, pacer, subscription,
+                                whole=whole)
+        self._live.setdefault(request_id, set()).add(subscription)
+        error: BaseException | None = None
+        try:
+            yield generation
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            await generation.aclose()
+            if not generation.ended:
+                self._abort_soon(request_id, _abort_reason(error, call))
+                generation.report(complete=True)
+            subscription.close()
+            streams = self._live.get(request_id)
+            if streams is not None:
+                streams.discard(subscription)
+                if not streams:
+                    del self._live[request_id]
+
+    async def cancel(self, request_id: str) -> bool:
+        """Stop ``request_id`` from anywhere: its streams on this gateway end with CANCELLED
+        and the scheduler aborts it. Whether there was anything to cancel."""
         local = list(self._live.get(request_id, ()))
         for subscription in local:
             subscription.interrupt(CANCELLED)
@@ -171,29 +282,10 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
             found = await self.scheduler.abort(request_id, "cancelled by the client")
         except SchedulerError as err:
             if not local:
-                await _fail(context, err.code, err.details)
+                raise GenerationError(err.code, err.details) from err
             log.warning("Cancel %s: %s (the local stream is cancelled)", request_id, err)
             found = False
-        return generation_pb2.CancelResponse(found=found or bool(local))
-
-    # -- Generate, step by step ------------------------------------------------------------
-
-    def _admit(self, context: Any) -> None:
-        self._authorize(context)
-        if self.draining:
-            raise _StatusError(grpc.StatusCode.UNAVAILABLE,
-                               "the gateway is draining: retry on another gateway")
-        if self.active_streams >= self.max_streams:
-            raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the gateway is at its limit of {self.max_streams} streams")
-
-    def _authorize(self, context: Any) -> None:
-        if self.api_keys is None:
-            return
-        metadata = context.invocation_metadata() or ()
-        if not self.api_keys.allows((item[0], item[1]) for item in metadata):
-            raise _StatusError(grpc.StatusCode.UNAUTHENTICATED,
-                               "missing or unknown API key (metadata authorization: Bearer <key>)")
+        return found or bool(local)
 
     def _stream_started(self) -> None:
         self.active_streams += 1
@@ -206,65 +298,43 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if self.active_streams == 0:
             self._idle.set()
 
-    async def _generate(
-        self, request: generation_pb2.GenerateRequest, context: Any, timeline: _Timeline
-    ) -> str:
-        try:
-            valid = validate(request, self.limits)
-        except ValidationError as err:
-            raise _StatusError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
-        if valid.is_resume:
-            prompt_tokens, pacer = await self._reattach(valid, timeline)
-        else:
-            prompt_tokens = count_prompt_tokens(valid.prompt, valid.prompt_token_ids)
-            pacer = TokenPacer(valid.ttft_s, valid.tds, arrival_s=timeline.arrival_mono_s)
-            await self._submit(valid, prompt_tokens, context, timeline)
-        try:
-            subscription = await self.hub.subscribe(
-                self.payloads.stream_key(valid.request_id), valid.resume_from_index
-            )
-        except BaseException as err:
-            self._abort_soon(valid.request_id, _abort_reason(err, context))
-            raise
-        return await self._stream(valid, prompt_tokens, pacer, subscription, context, timeline)
-
-    async def _reattach(self, valid: ValidRequest, timeline: _Timeline) -> tuple[int, TokenPacer]:
+    async def _reattach(self, valid: ValidRequest, call: Call) -> tuple[int, TokenPacer]:
         try:
             stored = await self.payloads.lookup(valid.request_id)
         except RedisError as err:
-            raise _StatusError(grpc.StatusCode.UNAVAILABLE, f"Redis unavailable: {err}") from err
+            raise GenerationError(grpc.StatusCode.UNAVAILABLE,
+                                  f"Redis unavailable: {err}") from err
         except ValueError as err:
-            raise _StatusError(grpc.StatusCode.INTERNAL, str(err)) from err
+            raise GenerationError(grpc.StatusCode.INTERNAL, str(err)) from err
         if stored is None:
-            raise _StatusError(
+            raise GenerationError(
                 grpc.StatusCode.NOT_FOUND,
                 f"request_id: no live or recently finished request {valid.request_id!r}",
             )
         # The pacer runs from the original arrival; the tokens before the resume index are
         # taken as delivered now (the old stream's timeline is gone), which errs on the side
         # of a late client, so the planner favours a client that lost its stream.
-        timeline.arrival_mono_s -= timeline.arrival_unix_s - stored.arrival_unix_s
-        timeline.arrival_unix_s = stored.arrival_unix_s
-        timeline.resumed = True
-        pacer = TokenPacer(stored.ttft_s, stored.tds, arrival_s=timeline.arrival_mono_s)
+        call.arrival_mono_s -= call.arrival_unix_s - stored.arrival_unix_s
+        call.arrival_unix_s = stored.arrival_unix_s
+        call.resumed = True
+        pacer = TokenPacer(stored.ttft_s, stored.tds, arrival_s=call.arrival_mono_s)
         pacer.deliver(valid.resume_from_index, time.monotonic())
         return stored.prompt_tokens, pacer
 
-    async def _submit(
-        self, valid: ValidRequest, prompt_tokens: int, context: Any, timeline: _Timeline
-    ) -> None:
+    async def _submit(self, valid: ValidRequest, prompt_tokens: int, call: Call) -> None:
         request_id = valid.request_id
         try:
-            created = await self.payloads.create(valid, prompt_tokens, timeline.arrival_unix_s)
+            created = await self.payloads.create(valid, prompt_tokens, call.arrival_unix_s)
         except RedisError as err:
-            raise _StatusError(grpc.StatusCode.UNAVAILABLE, f"Redis unavailable: {err}") from err
+            raise GenerationError(grpc.StatusCode.UNAVAILABLE,
+                                  f"Redis unavailable: {err}") from err
         if not created:
-            raise _StatusError(
+            raise GenerationError(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"request_id: {request_id!r} is in use (live, or finished too recently to reuse)",
             )
         self._aborted.pop(request_id, None)  # a new request under an old id can be aborted
-        remaining = context.time_remaining()
+        remaining = call.time_remaining()
         timeout_s = self.submit_timeout_s if remaining is None else min(
             self.submit_timeout_s, remaining
         )
@@ -276,7 +346,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 max_tokens=valid.max_tokens,
                 qoe=generation_pb2.QoESpec(ttft_s=valid.ttft_s, tds=valid.tds),
                 sampling=valid.sampling.to_proto(),
-                arrival_unix_s=timeline.arrival_unix_s,
+                arrival_unix_s=call.arrival_unix_s,
                 payload_key=self.payloads.payload_key(request_id),
                 token_stream_key=self.payloads.stream_key(request_id),
                 timeout_s=max(timeout_s, 0.001),
@@ -287,142 +357,13 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
                 self._abort_soon(request_id, f"gateway: Submit failed ({err.code.name})")
             with contextlib.suppress(RedisError):
                 await self.payloads.delete(request_id)
-            raise _StatusError(err.code, err.details) from err
-        except asyncio.CancelledError:
+            raise GenerationError(err.code, err.details) from err
+        except asyncio.CancelledError as err:
             # The scheduler may have placed it before the client left: stop it there.
-            self._abort_soon(request_id, _abort_reason(None, context))
+            self._abort_soon(request_id, _abort_reason(err, call))
             raise
-
-    async def _stream(
-        self,
-        valid: ValidRequest,
-        prompt_tokens: int,
-        pacer: TokenPacer,
-        subscription: Subscription,
-        context: Any,
-        timeline: _Timeline,
-    ) -> str:
-        request_id = valid.request_id
-        self._live.setdefault(request_id, set()).add(subscription)
-        position = valid.resume_from_index
-        first_sent: float | None = None
-        last_sent: float | None = None
-        ended = False
-        try:
-            while True:
-                chunks, stop = await self._read(subscription, context)
-                tokens: list[int] = []
-                texts: list[str] = []
-                finish = stop.finish_reason if isinstance(stop, StreamInterrupted) else 0
-                start = position
-                for chunk in chunks:
-                    part = _continuing(chunk, position, request_id)
-                    if part is None:
-                        continue
-                    tokens.extend(part.token_ids)
-                    texts.append(part.text)
-                    position = part.end
-                    if part.finish_reason:
-                        finish = part.finish_reason
-                        break
-                if tokens or finish:
-                    response = generation_pb2.GenerateResponse(
-                        request_id=request_id, index=start, token_ids=tokens, text="".join(texts),
-                        finish_reason=finish,  # type: ignore[arg-type]
-                    )
-                    if finish:
-                        response.usage.prompt_tokens = prompt_tokens
-                        response.usage.completion_tokens = position
-                        ended = True
-                    await context.write(response)
-                    now = time.monotonic()
-                    if tokens:
-                        pacer.deliver(len(tokens), now)
-                        self.metrics.tokens_delivered.inc(len(tokens))
-                        if first_sent is None and not timeline.resumed:
-                            self.metrics.ttft_seconds.observe(now - timeline.arrival_mono_s)
-                        first_sent = now if first_sent is None else first_sent
-                        last_sent = now
-                    self._report(request_id, pacer, timeline, complete=bool(finish))
-                if finish:
-                    return self._finished(request_id, finish, pacer, timeline, first_sent,
-                                          last_sent, locally=isinstance(stop, StreamInterrupted))
-                if isinstance(stop, StreamError):
-                    raise _StatusError(grpc.StatusCode.UNAVAILABLE,
-                                       f"reading the token stream failed: {stop}")
-        except BaseException as err:
-            if not ended:
-                self._abort_soon(request_id, _abort_reason(err, context))
-                self._report(request_id, pacer, timeline, complete=True)
-            raise
-        finally:
-            subscription.close()
-            streams = self._live.get(request_id)
-            if streams is not None:
-                streams.discard(subscription)
-                if not streams:
-                    del self._live[request_id]
-
-    async def _read(
-        self, subscription: Subscription, context: Any
-    ) -> tuple[list[TokenChunk], StreamInterrupted | StreamError | None]:
-        """Everything available now (waiting for at least one chunk), and how reading ended
-        if it did: an interruption or an error found after some chunks is returned so the
-        chunks go out first."""
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise _StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        try:
-            async with asyncio.timeout(remaining):
-                chunks = [await subscription.get()]
-        except TimeoutError as err:
-            raise _StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from err
-        except (StreamInterrupted, StreamError) as stop:
-            return [], stop
-        while not chunks[-1].finish_reason:
-            try:
-                more = subscription.get_nowait()
-            except (StreamInterrupted, StreamError) as stop:
-                return chunks, stop
-            if more is None:
-                break
-            chunks.append(more)
-        return chunks, None
-
-    def _finished(
-        self,
-        request_id: str,
-        finish: int,
-        pacer: TokenPacer,
-        timeline: _Timeline,
-        first_sent: float | None,
-        last_sent: float | None,
-        *,
-        locally: bool,
-    ) -> str:
-        if not timeline.resumed:
-            self._background_task(self._expire_payload(request_id))
-            self.metrics.request_qoe.observe(pacer.qoe())
-            if first_sent is not None and last_sent is not None and last_sent > first_sent:
-                self.metrics.delivered_tds.observe((pacer.count - 1) / (last_sent - first_sent))
-        if finish == ERROR:
-            raise _StatusError(grpc.StatusCode.INTERNAL, "the request failed on its worker")
-        if finish == CANCELLED or locally:
-            return "cancelled"
-        return "completed"
 
     # -- side effects that must outlive the handler ----------------------------------------
-
-    def _report(self, request_id: str, pacer: TokenPacer, timeline: _Timeline,
-                *, complete: bool) -> None:
-        self.reporter.update(Progress(
-            request_id=request_id,
-            delivered_tokens=pacer.count,
-            digest_max_s=pacer.digest_max,
-            delay_sum_s=pacer.delay_sum,
-            arrival_unix_s=timeline.arrival_unix_s,
-            complete=complete,
-        ))
 
     def _abort_soon(self, request_id: str, reason: str) -> None:
         """Abort on the scheduler from a task of its own: the caller is usually being
@@ -430,7 +371,7 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         if request_id in self._aborted:
             return
         self._aborted[request_id] = None
-        while len(self._aborted) > 65536:
+        while len(self._aborted) > MAX_ABORTED_IDS:
             self._aborted.popitem(last=False)
         self._background_task(self._abort(request_id, reason))
 
@@ -457,36 +398,162 @@ class GenerationService(generation_pb2_grpc.GenerationServiceServicer):
         task.add_done_callback(self._background.discard)
 
 
+class Generation:
+    """A started request's response: iterate it (once) for its :class:`Delta` s.
+
+    Asking for the next delta says that the previous one has been written to the client: that
+    moment is its delivery time (for the pacer, the scheduler's delivery reports and the
+    metrics). So a front end writes each delta before it asks for the next one.
+    """
+
+    def __init__(
+        self,
+        service: GenerationService,
+        call: Call,
+        valid: ValidRequest,
+        prompt_tokens: int,
+        pacer: TokenPacer,
+        subscription: Subscription,
+        *,
+        whole: bool,
+    ) -> None:
+        self.request_id = valid.request_id
+        self.prompt_tokens = prompt_tokens
+        self.ended = False
+        """The last delta has been handed out: the request needs no abort any more."""
+        self._service = service
+        self._call = call
+        self._pacer = pacer
+        self._subscription = subscription
+        self._first_sent: float | None = None
+        self._last_sent: float | None = None
+        self._deltas = self._run(valid.resume_from_index, whole)
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self._deltas
+
+    async def aclose(self) -> None:
+        await self._deltas.aclose()
+
+    def report(self, *, complete: bool) -> None:
+        """Queue the pacer's summary for the scheduler's next delivery batch."""
+        pacer = self._pacer
+        self._service.reporter.update(Progress(
+            request_id=self.request_id,
+            delivered_tokens=pacer.count,
+            digest_max_s=pacer.digest_max,
+            delay_sum_s=pacer.delay_sum,
+            arrival_unix_s=self._call.arrival_unix_s,
+            complete=complete,
+        ))
+
+    async def _run(self, position: int, whole: bool) -> AsyncGenerator[Delta, None]:
+        start = position
+        tokens: list[int] = []
+        texts: list[str] = []
+        while True:
+            chunks, stop = await self._read()
+            finish = stop.finish_reason if isinstance(stop, StreamInterrupted) else 0
+            for chunk in chunks:
+                part = _continuing(chunk, position, self.request_id)
+                if part is None:
+                    continue
+                tokens.extend(part.token_ids)
+                texts.append(part.text)
+                position = part.end
+                if part.finish_reason:
+                    finish = part.finish_reason
+                    break
+            if finish or (tokens and not whole):
+                delta = Delta(
+                    request_id=self.request_id, index=start, token_ids=tuple(tokens),
+                    text="".join(texts), finish_reason=finish, prompt_tokens=self.prompt_tokens,
+                    completion_tokens=position,
+                )
+                self.ended = bool(finish)
+                yield delta
+                self._delivered(delta)
+                start, tokens, texts = position, [], []
+            if finish:
+                self._finished(finish, locally=isinstance(stop, StreamInterrupted))
+                return
+            if isinstance(stop, StreamError):
+                raise GenerationError(grpc.StatusCode.UNAVAILABLE,
+                                      f"reading the token stream failed: {stop}")
+
+    async def _read(self) -> tuple[list[TokenChunk], StreamInterrupted | StreamError | None]:
+        """Everything available now (waiting for at least one chunk), and how reading ended
+        if it did: an interruption or an error found after some chunks is returned so the
+        chunks go out first."""
+        subscription = self._subscription
+        remaining = self._call.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise GenerationError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        try:
+            async with asyncio.timeout(remaining):
+                chunks = [await subscription.get()]
+        except TimeoutError as err:
+            raise GenerationError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from err
+        except (StreamInterrupted, StreamError) as stop:
+            return [], stop
+        while not chunks[-1].finish_reason:
+            try:
+                more = subscription.get_nowait()
+            except (StreamInterrupted, StreamError) as stop:
+                return chunks, stop
+            if more is None:
+                break
+            chunks.append(more)
+        return chunks, None
+
+    def _delivered(self, delta: Delta) -> None:
+        now = time.monotonic()
+        count = len(delta.token_ids)
+        if count:
+            metrics = self._service.metrics
+            self._pacer.deliver(count, now)
+            metrics.tokens_delivered.inc(count)
+            if self._first_sent is None:
+                self._first_sent = now
+                if not self._call.resumed:
+                    metrics.ttft_seconds.observe(now - self._call.arrival_mono_s)
+            self._last_sent = now
+        self.report(complete=bool(delta.finish_reason))
+
+    def _finished(self, finish: int, *, locally: bool) -> None:
+        service, call, pacer = self._service, self._call, self._pacer
+        if not call.resumed:
+            service._background_task(service._expire_payload(self.request_id))
+            service.metrics.request_qoe.observe(pacer.qoe())
+            first, last = self._first_sent, self._last_sent
+            if first is not None and last is not None and last > first:
+                service.metrics.delivered_tds.observe((pacer.count - 1) / (last - first))
+        if finish == ERROR:
+            raise GenerationError(grpc.StatusCode.INTERNAL, "the request failed on its worker")
+        call.outcome = "cancelled" if finish == CANCELLED or locally else "completed"
+
+
 def _continuing(chunk: TokenChunk, position: int, request_id: str) -> TokenChunk | None:
     """The part of ``chunk`` from ``position`` on; an error if tokens before it are missing."""
     part = chunk.after(position)
     if part is None:
         return None
     if part.index > position:
-        raise _StatusError(grpc.StatusCode.DATA_LOSS,
-                           f"tokens {position}..{part.index - 1} of {request_id!r} are missing "
-                           "from its token stream")
+        raise GenerationError(grpc.StatusCode.DATA_LOSS,
+                              f"tokens {position}..{part.index - 1} of {request_id!r} are "
+                              "missing from its token stream")
     if part.end < position:
-        raise _StatusError(grpc.StatusCode.OUT_OF_RANGE,
-                           f"resume_from_index: {position} is past the end of the response "
-                           f"({part.end} tokens)")
+        raise GenerationError(grpc.StatusCode.OUT_OF_RANGE,
+                              f"resume_from_index: {position} is past the end of the response "
+                              f"({part.end} tokens)")
     return part
 
 
-async def _fail(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
-    """End the RPC with ``code`` (``context.abort`` raises; this says so to the type checker)."""
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")
-
-
-def _deadline_passed(context: Any) -> bool:
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
-
-
-def _abort_reason(err: BaseException | None, context: Any) -> str:
-    if isinstance(err, _StatusError):
+def _abort_reason(err: BaseException | None, call: Call) -> str:
+    if isinstance(err, GenerationError):
         return f"gateway: {err.message}"
-    if err is None or isinstance(err, asyncio.CancelledError):
-        return "deadline exceeded" if _deadline_passed(context) else "client disconnected"
+    if isinstance(err, asyncio.CancelledError | ConnectionResetError):
+        return "deadline exceeded" if call.deadline_passed() else "client disconnected"
+    if err is None:
+        return "gateway: the response was left before its end"
     return f"gateway error: {err!r}"

@@ -86,11 +86,7 @@ def test_engine_initiated_preemptions_are_reported_and_parked(backend: object) -
             # Parked: the engine does not take it back by itself.
             assert states[victim] in (State.PREEMPTED, State.WAITING)
         assert run.steps < 1000
-        if not backend.has_work() and states:  # type: ignore[attr-defined]
-            # Only parked requests are left: the planner brings them back.
-            backend.apply(plan(  # type: ignore[attr-defined]
-                resume=tuple(r for r, s in states.items() if s == State.PREEMPTED),
-                admit=tuple(r for r, s in states.items() if s == State.WAITING)))
+    run.until_done()
     assert run.forced, "KV must have run out"
     assert sorted(run.finished) == sorted(ids)
     assert all(len(run.tokens[r]) == 60 for r in ids)

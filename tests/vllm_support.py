@@ -7,6 +7,7 @@ import json
 import time
 
 from andes.policies.base import State
+from andes.v1 import generation_pb2
 from worker.engine import PlanSpec, RequestSpec, StepOutcome
 
 _ids = itertools.count()
@@ -65,6 +66,19 @@ class Run:
             self.step()
             assert self.steps < limit, "the engine did not finish"
 
+    def until_done(self, limit: int = 2000) -> None:
+        """Step until nothing is held, bringing back what the engine parked when KV ran out
+        (as the planner would)."""
+        while True:
+            self.until_idle(limit)
+            states = self.states()
+            if not states:
+                return
+            self.backend.apply(plan(  # type: ignore[attr-defined]
+                resume=tuple(r for r, s in states.items() if s == State.PREEMPTED),
+                admit=tuple(r for r, s in states.items() if s == State.WAITING)))
+            assert self.backend.has_work(), f"stuck: {states}"  # type: ignore[attr-defined]
+
     def states(self) -> dict[str, State]:
         return {p.request_id: p.state for p in self.backend.progress()}  # type: ignore
 
@@ -81,5 +95,7 @@ def greedy(backend: object, prompts: list[str], max_tokens: int,
     for s in specs:
         assert backend.add(s) == []  # type: ignore[attr-defined]
     backend.apply(plan(admit=tuple(s.request_id for s in specs)))  # type: ignore[attr-defined]
-    run.until_idle()
+    run.until_done()
+    assert all(len(run.tokens[s.request_id]) == max_tokens for s in specs
+               if run.finished[s.request_id] == generation_pb2.FINISH_REASON_LENGTH)
     return [run.tokens[s.request_id] for s in specs]
