@@ -232,6 +232,13 @@ class LocalCluster:
             self._redis_dir.cleanup()
             self._redis_dir = None
 
+    def pids(self) -> dict[str, int]:
+        """Process id of every running service (and of the private Redis, if one)."""
+        running = {s.name: s.process.pid for s in self._services if s.process.poll() is None}
+        if self._redis is not None:
+            running["redis"] = self._redis.pid
+        return running
+
     def endpoints(self) -> dict[str, str]:
         return {
             "gateway (gRPC andes.v1.GenerationService)": self.gateway_addr,

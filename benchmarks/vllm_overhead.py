@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,20 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_pid() -> int:
+    found = subprocess.run(["pgrep", "-o", "redis-server"], capture_output=True, text=True)
+    return int(found.stdout.split()[0]) if found.stdout.strip() else 0
+
+
 def run_system(args: argparse.Namespace) -> dict[str, Any]:
     metrics_port = free_port()
     config = ClusterConfig(
@@ -121,9 +136,15 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
         worker_args=(*engine_flags(args), "--metrics-port", str(metrics_port)),
     )
     with LocalCluster(config) as cluster:
+        pids = {name: pid for name, pid in cluster.pids().items() if name != "redis"}
+        pids["redis"] = cluster.pids().get("redis", _redis_pid())
+        pids["client (this benchmark)"] = os.getpid()
+        cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
         before = _scrape(metrics_port)
         result = asyncio.run(_drive(cluster.gateway_addr, args))
         after = _scrape(metrics_port)
+        cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    result["cpu_seconds_by_process"] = cpu
     engine_s = after["andes_step_seconds_sum"] - before.get("andes_step_seconds_sum", 0.0)
     steps = after["andes_step_seconds_count"] - before.get("andes_step_seconds_count", 0.0)
     result.update({"steps": int(steps), "engine_seconds": engine_s,
@@ -178,6 +199,9 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
+    cpu = system_runs[len(system_runs) // 2]["cpu_seconds_by_process"]
+    print("CPU seconds by process during one system run: " + ", ".join(
+        f"{name} {seconds:.1f}" for name, seconds in sorted(cpu.items(), key=lambda x: -x[1])))
     print(f"system / plain = {system / plain:.3f}  (goal >= 0.9); "
           f"worker time outside engine.step(): "
           f"{statistics.median(r['outside_engine_fraction'] for r in system_runs):.1%}")

@@ -33,6 +33,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from andes.policies.base import State
 from andes.tokenstream import DEFAULT_PREFIX, decode_chunk, stream_key
 from andes.v1 import generation_pb2, scheduler_pb2
 from worker import metrics
@@ -88,6 +89,10 @@ class WorkerLoop:
         self._reportable: list[Finished] = []
         self._forced: list[str] = []
         self._progress: list[Progress] = []
+        self._assigned: dict[str, RequestSpec] = {}
+        """Requests added to a blocking engine since ``_progress`` was taken."""
+        self._reported: dict[str, tuple[int, int, int]] = {}
+        """What the last report said of each request: (generated, state, kv blocks)."""
         """The held requests as of the last report (what registrations list)."""
         self._last_step = (time.time(), 0.0)
         self._scheduled_tokens = 0
@@ -107,19 +112,23 @@ class WorkerLoop:
         """Run ``fn`` against the engine, then note the engine's state in the same go."""
         if self._executor is None:
             result = fn()
-            self._has_work = self.engine.has_work()
-            self._kv_blocks_free = self.engine.kv_blocks_free
-            return result
-
-        def job() -> tuple[T, bool, int, list[Progress]]:
-            engine = self.engine
-            return fn(), engine.has_work(), engine.kv_blocks_free, engine.progress()
-
-        loop = asyncio.get_running_loop()
-        result, self._has_work, self._kv_blocks_free, self._progress = await loop.run_in_executor(
-            self._executor, job
-        )
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, partial(self._then_note_state, fn)
+            )
+        if self._executor is None:
+            self._then_note_state(lambda: None)
         return result
+
+    def _then_note_state(self, fn: Callable[[], T]) -> T:
+        result = fn()
+        self._has_work = self.engine.has_work()
+        self._kv_blocks_free = self.engine.kv_blocks_free
+        return result
+
+    def _step_and_progress(self, start: float) -> tuple[StepOutcome, list[Progress]]:
+        """A blocking engine's step with the held requests after it: one thread hop."""
+        return self.engine.step(start), self.engine.progress()
 
     # -- what the session sends ----------------------------------------------------------
 
@@ -137,28 +146,42 @@ class WorkerLoop:
             requests=self._progress_protos(),
         )
 
-    def _progress_protos(self) -> list[scheduler_pb2.RequestProgress]:
-        # A registration must list every held request, even one added since the last report
-        # (else the scheduler would place it again); a blocking engine may be busy on its own
-        # thread, so for it the view noted after the last call into it (adds included) does.
+    def _progress_protos(self, *, changed_only: bool = False
+                         ) -> list[scheduler_pb2.RequestProgress]:
+        """Held requests as the scheduler sees them; ``changed_only``: those that changed
+        since the last report (a step report need not repeat a thousand waiting requests)."""
         if self._executor is None:
             self._progress = self.engine.progress()
-        # Report only what is safely in Redis: a request resumed elsewhere starts there.
-        return [
-            progress_to_proto(
-                p, min(p.generated_tokens, self.publisher.published(p.request_id))
-            )
-            for p in self._progress
-        ]
+        protos = []
+        reported: dict[str, tuple[int, int, int]] = {}
+        for p in self._progress:
+            # Report only what is safely in Redis: a request resumed elsewhere starts there.
+            generated = min(p.generated_tokens, self.publisher.published(p.request_id))
+            reported[p.request_id] = key = (generated, int(p.state), p.kv_blocks)
+            if not changed_only or self._reported.get(p.request_id) != key:
+                protos.append(progress_to_proto(p, generated))
+        # A registration must list every held request, even one added since the last step
+        # (else the scheduler would place it again); a blocking engine's view is the last
+        # step's, so requests assigned after it are listed as they arrived: waiting.
+        for rid, spec in self._assigned.items():
+            if rid not in reported:
+                reported[rid] = key = (spec.resume_from_tokens, int(State.WAITING), 0)
+                if not changed_only or self._reported.get(rid) != key:
+                    protos.append(progress_to_proto(
+                        Progress(rid, spec.resume_from_tokens, State.WAITING, 0),
+                        spec.resume_from_tokens,
+                    ))
+        self._reported = reported
+        return protos
 
-    def status_report(self) -> scheduler_pb2.StepReport:
-        """A report of the current state (also the first report of every session)."""
+    def status_report(self, *, changed_only: bool = False) -> scheduler_pb2.StepReport:
+        """A report of the current state (complete for the first report of every session)."""
         start, duration = self._last_step
         return scheduler_pb2.StepReport(
             step=self.step_count,
             start_unix_s=start,
             duration_s=duration,
-            requests=self._progress_protos(),
+            requests=self._progress_protos(changed_only=changed_only),
             kv_blocks_free=self._kv_blocks_free,
             kv_blocks_total=self.engine.profile.kv_blocks_total,
             plan_version=self.plan_version,
@@ -187,7 +210,7 @@ class WorkerLoop:
                         await self._iterate()
                     published = await self._publish()
                 if stepped or changed or published:
-                    await self._report()
+                    await self._report(stepped=stepped)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
@@ -252,8 +275,11 @@ class WorkerLoop:
             spec = replace(spec, payload={_bytes(k): _bytes(v) for k, v in payload.items()})
             if spec.resume_from_tokens:
                 spec = replace(spec, generated_token_ids=await self._published_tokens(spec))
-        for done in await self._call(partial(self.engine.add, spec)):
+        finished = await self._call(partial(self.engine.add, spec))
+        for done in finished:
             self._finish(done)
+        if not finished and self._executor is not None:
+            self._assigned[spec.request_id] = spec
 
     async def _published_tokens(self, spec: RequestSpec) -> tuple[int, ...]:
         """The first ``resume_from_tokens`` tokens of the response, read back from Redis."""
@@ -295,11 +321,12 @@ class WorkerLoop:
 
     async def _iterate_overlapped(self) -> bool:
         """One step of a real engine, publishing the previous step's tokens meanwhile."""
-        step = asyncio.ensure_future(self._call(partial(self.engine.step, time.time())))
+        step = asyncio.ensure_future(self._call(partial(self._step_and_progress, time.time())))
         try:
             published = await self._publish()
         finally:
-            outcome = await step
+            outcome, self._progress = await step
+            self._assigned.clear()
         # Only now: the publisher must not take tokens while a flush is on its way.
         self._absorb(outcome, outcome.start_s, outcome.duration_s)
         if not self._has_work:  # nothing to overlap the last tokens with
@@ -329,9 +356,12 @@ class WorkerLoop:
         self._reportable.extend(self._finishing.pop(rid) for rid in done)
         return True
 
-    async def _report(self) -> None:
+    async def _report(self, *, stepped: bool) -> None:
         assert self.session is not None
-        report = self.status_report()
+        if self._executor is not None and not stepped:
+            self._progress = await self._call(self.engine.progress)
+            self._assigned.clear()
+        report = self.status_report(changed_only=True)
         report.finished.extend(finished_to_proto(f) for f in self._reportable)
         report.forced_preemptions.extend(self._forced)
         self._reportable.clear()

@@ -64,8 +64,14 @@ class VllmConfig:
 
 
 def prepare_environment(config: VllmConfig) -> None:
-    """Settings vLLM reads from the environment, before it is imported."""
+    """Settings vLLM reads from the environment, before it is imported.
+
+    ``OMP_NUM_THREADS`` defaults to all cores but one: the worker's own I/O, and on a small
+    machine the gateway and Redis, need a core, and an OpenMP team that shares its cores with
+    them waits at every barrier for its slowest thread (on 2 cores, 2 threads made the
+    engine's steps 2-3x slower under load than 1 thread; docs/results.md)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) - 1)))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_space_gib:g}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -115,6 +121,8 @@ class VllmBackend:
                  time.monotonic() - started, self.kv_blocks_total, self.block_size)
         self._internal: dict[str, str] = {}
         """Wire request id -> vLLM's internal id (vLLM appends a random suffix)."""
+        self._external: dict[str, str] = {}
+        """The inverse of ``_internal``."""
         self._emitted: dict[str, int] = {}
         """Wire request id -> index of its next token in the response."""
         self._stalled = False
@@ -172,6 +180,7 @@ class VllmBackend:
             log.warning("request %s refused by the engine: %s", spec.request_id, err)
             return [Finished(spec.request_id, generation_pb2.FINISH_REASON_ERROR, done)]
         self._internal[spec.request_id] = internal
+        self._external[internal] = spec.request_id
         self._emitted[spec.request_id] = done
         self._stalled = False
         return []
@@ -208,7 +217,7 @@ class VllmBackend:
         duration = time.time() - start
         record = self.scheduler.last_step
         self._stalled = not record.scheduled_tokens
-        external = {v: k for k, v in self._internal.items()} if record.forced_preemptions else {}
+        external = self._external
         outcome = StepOutcome(
             start_s=start,
             duration_s=duration,
@@ -234,7 +243,7 @@ class VllmBackend:
         return outcome
 
     def _forget(self, request_id: str) -> int:
-        del self._internal[request_id]
+        del self._external[self._internal.pop(request_id)]
         return self._emitted.pop(request_id)
 
     def cancel(self, request_ids: tuple[str, ...]) -> list[Finished]:
@@ -250,19 +259,25 @@ class VllmBackend:
         ]
 
     def progress(self) -> list[Progress]:
+        # By queue rather than asking each request where it is: this runs after every step,
+        # over every held request.
+        sched = self.scheduler
+        external = self._external
         result = []
-        for rid, internal in self._internal.items():
-            request = self.scheduler.requests.get(internal)
-            if request is None:
-                continue
-            state = self.scheduler.state_of(request)
-            result.append(Progress(
-                request_id=rid,
-                generated_tokens=self._emitted[rid],
-                state=state,
-                kv_blocks=self.scheduler.kv_blocks_of(internal)
-                if state in (State.RUNNING, State.PAUSED) else 0,
-            ))
+
+        def add(requests: Iterable[Any], state: State, with_kv: bool = False) -> None:
+            for request in requests:
+                rid = external.get(request.request_id)
+                if rid is not None:
+                    kv = sched.kv_blocks_of(request.request_id) if with_kv else 0
+                    result.append(Progress(rid, self._emitted[rid], state, kv))
+
+        add(sched.running, State.RUNNING, with_kv=True)
+        add(sched.paused.values(), State.PAUSED, with_kv=True)
+        add(sched.waiting, State.QUEUED)
+        add(sched.kv_holding_waiting, State.QUEUED)
+        add(sched.held.values(), State.WAITING)
+        add(sched.parked.values(), State.PREEMPTED)
         return result
 
 

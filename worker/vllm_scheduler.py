@@ -29,8 +29,6 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from andes.policies.base import State
-
 SUPPORTED_VLLM = "0.32."
 """The vLLM minor version this adapter was written and tested against."""
 
@@ -80,19 +78,7 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         self._planned_preemptions: set[str] = set()
         self.last_step = StepRecord()
 
-    # -- where a request is -------------------------------------------------------------
-
-    def state_of(self, request: Request) -> State:
-        rid = request.request_id
-        if rid in self.held:
-            return State.WAITING
-        if rid in self.parked:
-            return State.PREEMPTED
-        if rid in self.paused:
-            return State.PAUSED
-        if request.status == RequestStatus.RUNNING:
-            return State.RUNNING
-        return State.QUEUED
+    # -- what it holds -----------------------------------------------------------------
 
     def kv_blocks_of(self, request_id: str) -> int:
         return sum(len(ids) for ids in self.kv_cache_manager.get_block_ids(request_id))
