@@ -53,8 +53,19 @@ class LatencyProfile:
     """Most sequences in one iteration (vLLM's max_num_seqs)."""
     max_batched_tokens: int
     """Most tokens one iteration processes (vLLM's max_num_batched_tokens): caps prefill."""
+    prefill_s_per_token: float | None = None
+    """Compute time per prefill token when it differs from a decode token's (None: the
+    same). On a GPU both are FLOP-bound alike; a CPU engine's decode token also pays per
+    sequence work (sampling, metadata), so measured profiles set both."""
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
     """Where the numbers come from: hardware and model figures, sources, or measurement."""
+
+    @property
+    def prefill_per_token_s(self) -> float:
+        """Compute seconds per prefilled (or recomputed) token."""
+        if self.prefill_s_per_token is None:
+            return self.compute_s_per_token
+        return self.prefill_s_per_token
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -79,7 +90,9 @@ class LatencyProfile:
     ) -> float | FloatArray:
         """Seconds for one iteration; vectorized over any of its arguments."""
         memory = self.weights_read_s + self.kv_read_s_per_token * np.asarray(context_tokens)
-        compute = self.compute_s_per_token * (np.asarray(decode_batch) + np.asarray(prefill_tokens))
+        compute = self.compute_s_per_token * np.asarray(
+            decode_batch
+        ) + self.prefill_per_token_s * np.asarray(prefill_tokens)
         t = self.step_overhead_s + np.maximum(memory, compute)
         if np.ndim(t) == 0:
             return float(t)
@@ -115,7 +128,10 @@ class LatencyProfile:
         return self.swap_s_per_token * context_tokens
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.prefill_s_per_token is None:  # optional: profiles without it stay as they are
+            del data["prefill_s_per_token"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LatencyProfile:
@@ -140,6 +156,7 @@ class LatencyProfile:
             "kv_read_s_per_token",
             "compute_s_per_token",
             "swap_s_per_token",
+            "prefill_per_token_s",
         ):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):

@@ -41,6 +41,9 @@ def profile_from_proto(message: scheduler_pb2.LatencyProfile) -> LatencyProfile:
         kv_blocks_total=message.kv_blocks_total,
         max_batch=message.max_batch,
         max_batched_tokens=message.max_batched_tokens,
+        prefill_s_per_token=(
+            message.prefill_s_per_token if message.HasField("prefill_s_per_token") else None
+        ),
         provenance=provenance,
     )
     profile.validate()

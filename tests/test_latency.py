@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,9 +26,6 @@ GPU_PROFILES = [
 
 # vLLM CPU backend, tiny random Llama, f32 eager: mean seconds per engine step by batch size,
 # prompts of ~13 tokens and 128 new tokens (mean context 13 + 64 = 77 tokens per sequence).
-CPU_TINY_MEASURED = {1: 0.0027, 8: 0.0032, 32: 0.0050, 64: 0.0065}
-CPU_TINY_MEAN_CONTEXT = 77.0
-
 batches = st.floats(min_value=0.0, max_value=512.0, allow_nan=False)
 contexts = st.floats(min_value=0.0, max_value=500_000.0, allow_nan=False)
 prefills = st.floats(min_value=0.0, max_value=20_000.0, allow_nan=False)
@@ -119,17 +117,34 @@ def test_a100_40g_has_less_kv_than_a100_80g() -> None:
     assert small.compute_s_per_token == large.compute_s_per_token
 
 
-def test_cpu_tiny_is_a_marked_placeholder() -> None:
+def test_cpu_tiny_is_measured_by_the_vllm_backend() -> None:
     prov = load_profile("cpu-tiny").provenance
-    assert prov["kind"] == "placeholder"
-    assert "worker" in prov["replace_with"]
+    assert prov["kind"] == "measured"
+    assert prov["command"].startswith("python -m worker.vllm_profile")
 
 
-@pytest.mark.parametrize(("batch", "measured"), sorted(CPU_TINY_MEASURED.items()))
-def test_cpu_tiny_reproduces_measured_step_times(batch: int, measured: float) -> None:
+def _cpu_tiny_measurements() -> list[tuple[str, float, float]]:
+    measured = _profile_json("cpu-tiny")["provenance"]["measurements"]
+    return [("decode", float(b), t) for b, t in measured["decode_step_s_by_batch"].items()] + [
+        ("prefill", float(n), t) for n, t in measured["prefill_step_s_by_tokens"].items()]
+
+
+@pytest.mark.parametrize(("kind", "size", "measured"), _cpu_tiny_measurements())
+def test_cpu_tiny_reproduces_its_measured_step_times(kind: str, size: float,
+                                                     measured: float) -> None:
     profile = load_profile("cpu-tiny")
-    predicted = profile.iteration_time(float(batch), batch * CPU_TINY_MEAN_CONTEXT)
+    predicted = (profile.iteration_time(size, 0.0) if kind == "decode"
+                 else profile.iteration_time(0.0, 0.0, size))
     assert predicted == pytest.approx(measured, rel=0.25)
+
+
+def test_prefill_cost_defaults_to_the_compute_cost() -> None:
+    profile = load_profile("a100-opt13b")
+    assert profile.prefill_s_per_token is None
+    assert profile.prefill_per_token_s == profile.compute_s_per_token
+    cheaper = dataclasses.replace(profile, prefill_s_per_token=profile.compute_s_per_token / 4)
+    assert cheaper.prefill_time(4096) < profile.prefill_time(4096)
+    assert cheaper.iteration_time(8.0, 1000.0) == profile.iteration_time(8.0, 1000.0)
 
 
 # --- properties of the model ------------------------------------------------------------------

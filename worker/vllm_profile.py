@@ -3,8 +3,9 @@
 The planner prices every plan with a :class:`~andes.latency.LatencyProfile`; for a real engine
 the honest numbers are the engine's own, on this machine, with this model and these settings.
 Start-up runs a few calibration batches through the engine (decode steps at several batch
-sizes, prefills of two lengths), fits ``step_overhead_s + compute_s_per_token * tokens`` by
-least squares on relative error, and registers the result with the scheduler. vLLM V1 has no
+sizes, prefills of two lengths), fits ``step_overhead_s + compute_s_per_token * batch +
+prefill_s_per_token * prompt tokens`` by least squares on relative error, and registers the
+result with the scheduler. vLLM V1 has no
 swap, so the swap cost is the recompute cost per token.
 
 ``python -m worker.vllm_profile --model DIR --out FILE.json`` writes the measured profile with
@@ -95,26 +96,27 @@ def measure_step_times(backend: VllmBackend) -> dict[str, Any]:
 
 
 def fit_profile(backend: VllmBackend, measured: dict[str, Any], name: str) -> LatencyProfile:
-    """``t = overhead + per_token * tokens``, least squares on relative error."""
-    points = [(float(b), t) for b, t in measured["decode_step_s_by_batch"].items()]
-    points += [(float(n), t) for n, t in measured["prefill_step_s_by_tokens"].items()]
-    tokens = np.array([p[0] for p in points])
-    seconds = np.array([p[1] for p in points])
-    weights = 1.0 / seconds
-    design = np.stack([np.ones_like(tokens), tokens], axis=1) * weights[:, None]
-    (overhead, per_token), *_ = np.linalg.lstsq(design, seconds * weights, rcond=None)
-    overhead, per_token = max(float(overhead), 0.0), max(float(per_token), 1e-9)
+    """``t = overhead + decode_cost * batch + prefill_cost * tokens``, least squares on
+    relative error (decode and prefill tokens cost differently on a CPU)."""
+    rows = [(1.0, float(b), 0.0, t) for b, t in measured["decode_step_s_by_batch"].items()]
+    rows += [(1.0, 0.0, float(n), t) for n, t in measured["prefill_step_s_by_tokens"].items()]
+    table = np.array(rows)
+    seconds = table[:, 3]
+    design = table[:, :3] / seconds[:, None]
+    (overhead, decode, prefill), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+    decode, prefill = max(float(decode), 1e-9), max(float(prefill), 1e-9)
     return LatencyProfile(
         name=name,
-        step_overhead_s=overhead,
+        step_overhead_s=max(float(overhead), 0.0),
         weights_read_s=0.0,
         kv_read_s_per_token=0.0,
-        compute_s_per_token=per_token,
-        swap_s_per_token=per_token,  # no swap in vLLM V1: moving KV back is a recompute
+        compute_s_per_token=decode,
+        swap_s_per_token=prefill,  # no swap in vLLM V1: moving KV back is a recompute
         block_size=backend.block_size,
         kv_blocks_total=backend.kv_blocks_total,
         max_batch=backend.max_num_seqs,
         max_batched_tokens=backend.config.max_num_batched_tokens,
+        prefill_s_per_token=prefill,
     )
 
 
@@ -155,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-blocks", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=None)
     parser.add_argument("--kv-cache-space-gib", type=float, default=1.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     config = VllmConfig(
         model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        num_gpu_blocks=args.kv_blocks, kv_cache_space_gib=args.kv_cache_space_gib,
+        num_gpu_blocks=args.kv_blocks, block_size=args.block_size,
+        kv_cache_space_gib=args.kv_cache_space_gib,
         measure_profile=False,
     )
     backend = VllmBackend(config)
@@ -193,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": backend.model,
             "measurements": measured,
             "fit": {
-                "method": "t = step_overhead_s + compute_s_per_token * (decode batch + "
-                          "prefill tokens), least squares on relative error; no context term",
+                "method": "t = step_overhead_s + compute_s_per_token * decode batch + "
+                          "prefill_s_per_token * prefill tokens, least squares on relative "
+                          "error; no context term",
                 "predicted": predicted,
                 "max_relative_error": round(max(errors), 3),
             },

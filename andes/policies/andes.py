@@ -244,7 +244,7 @@ class AndesPolicy:
         profile = snapshot.profile
         if self.preemption_mode == PreemptionMode.SWAP:
             return 2.0 * profile.swap_s_per_token * context
-        return profile.compute_s_per_token * context
+        return profile.prefill_per_token_s * context
 
     def _stall_loss_rate(
         self, snapshot: Snapshot, outlook: Outlook, candidate: int, selected: np.ndarray

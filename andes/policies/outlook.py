@@ -41,7 +41,7 @@ def start_delays(snapshot: Snapshot) -> FloatArray:
     swapped = table.state == State.SWAPPED
     return np.where(
         needs_prefill,
-        profile.compute_s_per_token * context,
+        profile.prefill_per_token_s * context,
         np.where(swapped, profile.swap_s_per_token * context, 0.0),
     )
 
