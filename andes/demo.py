@@ -62,7 +62,7 @@ def vllm_demo_config(model: str, rate: float, duration_s: float) -> DemoConfig:
         profile="cpu-tiny", workers=1, kv_blocks=96, rate=rate, duration_s=duration_s,
         backend="vllm", model=model,
         worker_args=("--dtype", "float32", "--block-size", str(VLLM_BLOCK_SIZE),
-                     "--max-model-len", "2048", "--max-batched-tokens", "1024",
+                     "--max-model-len", "3072", "--max-batched-tokens", "1024",
                      "--max-batch", "64"),
     )
 
