@@ -8,6 +8,7 @@ the same prompts, also when the KV budget forces preemptions and resumes on the 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -18,16 +19,26 @@ from andes.v1 import generation_pb2, generation_pb2_grpc
 from tests.conftest import VLLM_ENGINE_FLAGS, free_port
 from tests.vllm_support import PROMPTS, greedy
 
+SCHEDULER_METRICS = free_port()
+WORKER_METRICS = free_port()
+
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model: str, redis_url: str) -> Iterator[LocalCluster]:
     config = ClusterConfig(
         backend="vllm", model=tiny_model, workers=1, policy="andes",
         gateway_port=free_port(), scheduler_port=free_port(), redis_url=redis_url,
-        worker_args=VLLM_ENGINE_FLAGS, scheduler_args=("--max-preemptions", "2"),
+        worker_args=(*VLLM_ENGINE_FLAGS, "--metrics-port", str(WORKER_METRICS)),
+        scheduler_args=("--max-preemptions", "2", "--metrics-port", str(SCHEDULER_METRICS)),
     )
     with LocalCluster(config) as running:
         yield running
+
+
+def _counter(port: int, sample: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(sample))
 
 
 async def _generate(target: str, prompts: list[str], max_tokens: int, *, run: str,
@@ -73,7 +84,8 @@ def test_real_tokens_stream_through_the_cluster(cluster: LocalCluster,
 def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,
                                                vllm_backend: object) -> None:
     """20 requests of 60 tokens need 3 blocks each at the end; the worker has 12: most wait,
-    some are preempted and resumed, and every response is still the greedy one."""
+    the planner preempts and resumes some (and the engine others, when KV runs out), and
+    every response is still the greedy one."""
     prompts = [f"Request number {i}: tell me a story about {w}"
                for i, w in enumerate(["cats", "ships", "rain", "bread", "maps"] * 4)]
     reference = greedy(vllm_backend, prompts, 60, ignore_eos=True)
@@ -82,3 +94,10 @@ def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,
     for messages, expected in zip(streams, reference, strict=True):
         assert _tokens(messages) == expected
         assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    # Every preemption the engine made by itself reached the scheduler.
+    engine_forced = _counter(WORKER_METRICS, "andes_engine_preemptions_total")
+    scheduler_forced = _counter(SCHEDULER_METRICS, 'andes_preemptions_total{cause="forced"}')
+    planned = _counter(SCHEDULER_METRICS, 'andes_preemptions_total{cause="planned"}')
+    print(f"preemptions: planned {planned:g}, engine {engine_forced:g}")
+    assert engine_forced == scheduler_forced
+    assert planned > 0, "the planner must have preempted under this much KV pressure"

@@ -342,6 +342,7 @@ class WorkerLoop:
         for done in outcome.finished:
             self._finish(done)
         self._forced.extend(outcome.forced_preemptions)
+        metrics.FORCED_PREEMPTIONS.inc(len(outcome.forced_preemptions))
         self.step_count += 1
         self._last_step = (start, elapsed)
         self._scheduled_tokens = outcome.scheduled_tokens

@@ -20,3 +20,7 @@ KV_BLOCKS_USED = Gauge(
     "andes_kv_blocks_used",
     "KV cache blocks held by requests on this worker's accelerator.",
 )
+FORCED_PREEMPTIONS = Counter(
+    "andes_engine_preemptions",
+    "Requests the engine preempted by itself (KV ran out), each reported to the scheduler.",
+)
