@@ -43,7 +43,7 @@ HIDDEN_SIZE = 128
 HEADS = 4
 """Head size 32: the smallest the CPU attention backend supports."""
 INTERMEDIATE_SIZE = 352
-MAX_POSITIONS = 2048
+MAX_POSITIONS = 4096
 
 
 def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 2048) -> Path:
