@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn, TypeAlias
 
 from andes import __version__
+from andes.argtypes import checked, positive
 from andes.latency import list_profiles, load_profile
 from andes.policies import POLICY_NAMES
 from andes.sim.snapshots import time_planner
@@ -60,37 +60,8 @@ def build_parser() -> _Parser:
 # -- argument types: each turns a bad value into argparse's one-line error ---------------------
 
 
-def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
-    """An argparse type that keeps the string but rejects it with ``check``'s ValueError."""
-
-    def parse(text: str) -> str:
-        try:
-            check(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-        return text
-
-    return parse
-
-
-def _positive(kind: type[int] | type[float], *, zero_ok: bool = False) -> Callable[[str], float]:
-    """An argparse type for a finite number > 0 (>= 0 with ``zero_ok``) of type ``kind``."""
-    bound = ">= 0" if zero_ok else "> 0"
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from err
-        if not (math.isfinite(value) and (value > 0 or (zero_ok and value == 0))):
-            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}")
-        return value
-
-    return parse
-
-
 def _positive_floats(text: str) -> list[float]:
-    return [_positive(float)(part) for part in text.split(",")]
+    return [positive(float)(part) for part in text.split(",")]
 
 
 def _policy_names(text: str) -> list[str]:
@@ -113,7 +84,7 @@ def _add_sim(commands: Subcommands) -> None:
     run = sim_commands.add_parser("run", help="one policy at one arrival rate")
     _add_run_config(run)
     run.add_argument("--policy", choices=POLICY_NAMES, required=True)
-    run.add_argument("--rate", type=_positive(float), required=True, help="requests/s")
+    run.add_argument("--rate", type=positive(float), required=True, help="requests/s")
     run.add_argument("--json", type=Path, help="write the results here")
     run.set_defaults(handler=_sim_run)
 
@@ -121,7 +92,7 @@ def _add_sim(commands: Subcommands) -> None:
     _add_run_config(sweep)
     sweep.add_argument("--policies", type=_policy_names, required=True, help="e.g. fcfs,andes")
     sweep.add_argument("--rates", type=_positive_floats, required=True, help="e.g. 2,4,6")
-    sweep.add_argument("--jobs", type=_positive(int), default=os.cpu_count() or 1,
+    sweep.add_argument("--jobs", type=positive(int), default=os.cpu_count() or 1,
                        help="processes running points in parallel (default: CPUs)")
     sweep.add_argument("--json", type=Path, required=True, help="write the results here")
     sweep.add_argument("--plot", type=Path, help="write the sweep figure (PNG) here")
@@ -131,18 +102,18 @@ def _add_sim(commands: Subcommands) -> None:
 
 
 def _add_run_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", type=_checked(load_profile), required=True,
+    parser.add_argument("--profile", type=checked(load_profile), required=True,
                         help=f"latency profile: {', '.join(list_profiles())} or a JSON path")
-    parser.add_argument("--workload", type=_checked(parse_lengths), required=True,
+    parser.add_argument("--workload", type=checked(parse_lengths), required=True,
                         help="sharegpt, alpaca, arxiv or trace:FILE")
-    parser.add_argument("--qoe-mix", type=_checked(parse_qoe_mix), required=True,
+    parser.add_argument("--qoe-mix", type=checked(parse_qoe_mix), required=True,
                         help="reading, voice or uniform:TTFT,TDS")
-    parser.add_argument("--arrival", type=_checked(parse_arrival), required=True,
+    parser.add_argument("--arrival", type=checked(parse_arrival), required=True,
                         help="poisson, gamma:CV or burst:INTENSITY,FRACTION[,PERIOD_S]")
     extent = parser.add_mutually_exclusive_group(required=True)
-    extent.add_argument("--duration", type=_positive(float), help="seconds of arrivals")
-    extent.add_argument("--requests", type=_positive(int), help="number of requests instead")
-    parser.add_argument("--workers", type=_positive(int), default=1)
+    extent.add_argument("--duration", type=positive(float), help="seconds of arrivals")
+    extent.add_argument("--requests", type=positive(int), help="number of requests instead")
+    parser.add_argument("--workers", type=positive(int), default=1)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -213,10 +184,10 @@ def _add_bench(commands: Subcommands) -> None:
         "planner", help="time one plan of an overloaded worker's snapshot"
     )
     planner.add_argument("--policy", choices=POLICY_NAMES, default="andes")
-    planner.add_argument("--requests", type=_positive(int), required=True,
+    planner.add_argument("--requests", type=positive(int), required=True,
                          help="unfinished requests on the worker")
-    planner.add_argument("--repeats", type=_positive(int), default=50)
-    planner.add_argument("--warmups", type=_positive(int, zero_ok=True), default=5)
+    planner.add_argument("--repeats", type=positive(int), default=50)
+    planner.add_argument("--warmups", type=positive(int, zero_ok=True), default=5)
     planner.add_argument("--seed", type=int, default=0)
     planner.add_argument("--json", type=Path, required=True, help="write the timings here")
     planner.set_defaults(handler=_bench_planner)
@@ -241,9 +212,9 @@ def _add_demo(commands: Subcommands) -> None:
     )
     demo.add_argument("--plot", type=Path, default=Path("demo.png"), help="(default: demo.png)")
     demo.add_argument("--json", type=Path, help="also write the figures as JSON")
-    demo.add_argument("--duration", type=_positive(float), default=30.0,
+    demo.add_argument("--duration", type=positive(float), default=30.0,
                       help="seconds of arrivals (default 30; the drain takes longer)")
-    demo.add_argument("--rate", type=_positive(float),
+    demo.add_argument("--rate", type=positive(float),
                       help="average requests/s (default 8; 6 with --backend vllm)")
     demo.add_argument("--backend", choices=("sim", "vllm"), default="sim",
                       help="sim: two emulated A100s; vllm: one real vLLM engine on the tiny "
@@ -304,14 +275,14 @@ def _add_up(commands: Subcommands) -> None:
     up.add_argument("--backend", choices=("sim", "vllm"), default="sim")
     up.add_argument("--model", type=Path,
                     help="model directory for --backend vllm (e.g. from `andes model tiny`)")
-    up.add_argument("--workers", type=_positive(int), default=2)
+    up.add_argument("--workers", type=positive(int), default=2)
     up.add_argument("--policy", choices=POLICY_NAMES, default="andes")
-    up.add_argument("--profile", type=_checked(load_profile), default="a100-opt13b")
-    up.add_argument("--gateway-port", type=_positive(int), default=50051)
-    up.add_argument("--scheduler-port", type=_positive(int), default=50052)
-    up.add_argument("--http-port", type=_positive(int, zero_ok=True), default=8000,
+    up.add_argument("--profile", type=checked(load_profile), default="a100-opt13b")
+    up.add_argument("--gateway-port", type=positive(int), default=50051)
+    up.add_argument("--scheduler-port", type=positive(int), default=50052)
+    up.add_argument("--http-port", type=positive(int, zero_ok=True), default=8000,
                     help="the gateway's OpenAI-compatible HTTP API (0: off; default 8000)")
-    up.add_argument("--kv-blocks", type=_positive(int), help="KV blocks per worker")
+    up.add_argument("--kv-blocks", type=positive(int), help="KV blocks per worker")
     up.set_defaults(handler=_up)
 
 
@@ -357,14 +328,14 @@ def _add_generate(commands: Subcommands) -> None:
     generate.add_argument("--target", default=os.environ.get("ANDES_GATEWAY_ADDR",
                                                              "127.0.0.1:50051"),
                           help="gateway host:port (env ANDES_GATEWAY_ADDR)")
-    generate.add_argument("--max-tokens", type=_positive(int), default=64)
-    generate.add_argument("--tds", type=_positive(float), default=4.8,
+    generate.add_argument("--max-tokens", type=positive(int), default=64)
+    generate.add_argument("--tds", type=positive(float), default=4.8,
                           help="reading speed, tokens/s (default 4.8)")
-    generate.add_argument("--ttft", type=_positive(float), default=1.0,
+    generate.add_argument("--ttft", type=positive(float), default=1.0,
                           help="expected time to first token, s (default 1.0)")
     generate.add_argument("--no-pace", action="store_true",
                           help="print tokens as they arrive instead of at reading speed")
-    generate.add_argument("--timeout", type=_positive(float), help="deadline for the call, s")
+    generate.add_argument("--timeout", type=positive(float), help="deadline for the call, s")
     generate.add_argument("--api-key", default=os.environ.get("ANDES_API_KEY"),
                           help="API key (env ANDES_API_KEY)")
     generate.set_defaults(handler=_generate)
