@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: install vllm redis test lint bench demo sweep clean protos
+.PHONY: install vllm redis test lint bench bench-vllm demo sweep clean protos
 
 # The services and their tests need a Redis: ANDES_REDIS_URL, or a redis-server binary to start
 # a private one. On a bare machine, install the binary with apt.
@@ -61,6 +61,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/planner.py
 	$(PY) benchmarks/sim_speed.py
 	$(PY) benchmarks/cluster_vs_sim.py
+
+# The real engine's benchmarks (a few minutes each; CPU build on a CPU machine).
+bench-vllm: $(VLLM_STAMP) redis
+	$(PY) benchmarks/vllm_overhead.py --repeats 3
+	$(PY) benchmarks/vs_vllm.py
 
 demo: $(STAMP) redis
 	$(PY) -m andes demo
