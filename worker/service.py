@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -53,7 +51,6 @@ def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | Non
     """The engine, and for a blocking one the thread that built it and must run it."""
     if config.backend != "vllm":
         return build_engine(config), None
-    sys.setswitchinterval(float(os.environ.get("ANDES_SWITCH", "0.005")))
     engine_thread = ThreadPoolExecutor(1, "engine")
     try:
         return engine_thread.submit(build_engine, config).result(), engine_thread
