@@ -111,14 +111,10 @@ class WorkerLoop:
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` against the engine, then note the engine's state in the same go."""
         if self._executor is None:
-            result = fn()
-        else:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._executor, partial(self._then_note_state, fn)
-            )
-        if self._executor is None:
-            self._then_note_state(lambda: None)
-        return result
+            return self._then_note_state(fn)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, partial(self._then_note_state, fn)
+        )
 
     def _then_note_state(self, fn: Callable[[], T]) -> T:
         result = fn()
