@@ -25,7 +25,7 @@ class GrpcApi(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, service: GenerationService) -> None:
         self.service = service
 
-    async def Generate(  # noqa: N802 (the RPC's name)
+    async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Any
     ) -> None:
         call = Call(deadline_s=_deadline(context))
@@ -38,7 +38,7 @@ class GrpcApi(generation_pb2_grpc.GenerationServiceServicer):
         except GenerationError as err:
             await _fail(context, err.code, err.message)
 
-    async def Cancel(  # noqa: N802 (the RPC's name)
+    async def Cancel(
         self, request: generation_pb2.CancelRequest, context: Any
     ) -> generation_pb2.CancelResponse:
         try:

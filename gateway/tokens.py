@@ -25,18 +25,14 @@ class PromptCounter(Protocol):
     def count(self, prompt: str, token_ids: Sequence[int] = ()) -> int: ...
 
 
-def count_prompt_tokens(prompt: str, token_ids: Sequence[int] = ()) -> int:
-    """Tokens in the prompt: exact for token ids, ``ceil(chars / 4)`` (at least 1) for text."""
-    if token_ids:
-        return len(token_ids)
-    return max(1, math.ceil(len(prompt) / CHARS_PER_TOKEN))
-
-
 class ApproximateCounter:
-    """The count without a tokenizer (:func:`count_prompt_tokens`)."""
+    """The count without a tokenizer: exact for token ids, ``ceil(chars / 4)`` (at least 1)
+    for text."""
 
     def count(self, prompt: str, token_ids: Sequence[int] = ()) -> int:
-        return count_prompt_tokens(prompt, token_ids)
+        if token_ids:
+            return len(token_ids)
+        return max(1, math.ceil(len(prompt) / CHARS_PER_TOKEN))
 
 
 class ModelTokenizer:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from andes.v1 import generation_pb2
-from gateway.tokens import count_prompt_tokens
+from gateway.tokens import ApproximateCounter
 from gateway.validation import (
     DEFAULT_TDS,
     DEFAULT_TTFT_S,
@@ -88,10 +88,10 @@ def test_resume_needs_only_the_id() -> None:
 
 
 def test_prompt_token_count_approximation() -> None:
-    assert count_prompt_tokens("abcd") == 1
-    assert count_prompt_tokens("abcde") == 2
-    assert count_prompt_tokens("a") == 1
-    assert count_prompt_tokens("", [5, 6, 7]) == 3
+    assert ApproximateCounter().count("abcd") == 1
+    assert ApproximateCounter().count("abcde") == 2
+    assert ApproximateCounter().count("a") == 1
+    assert ApproximateCounter().count("", [5, 6, 7]) == 3
 
 
 # -- one test per bad field ---------------------------------------------------------------------

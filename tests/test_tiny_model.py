@@ -150,3 +150,23 @@ def test_vllm_loads_and_generates(model_dir: Path) -> None:
     completion = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(completion["token_ids"]) == 8
     assert all(0 <= token < VOCAB_SIZE for token in completion["token_ids"])
+
+
+def test_gateway_counts_and_renders_with_the_model_tokenizer(tiny_model: str) -> None:
+    """``python -m gateway --tokenizer DIR``: exact prompt counts, the model's chat template."""
+    from transformers import AutoTokenizer
+
+    from gateway.chat import ChatMessage
+    from gateway.tokens import ModelTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    counter = ModelTokenizer(tiny_model)
+    text = "Bonjour, ça va? 你好 🙂 and a longer English sentence for good measure."
+    assert counter.count(text) == len(tokenizer.encode(text))
+    assert counter.count("ignored", [5, 6, 7]) == 3
+    messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi!")]
+    assert counter.render(messages) == tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        tokenize=False, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        ModelTokenizer("/nonexistent/model")
