@@ -114,7 +114,8 @@ class Engine(Protocol):
     def kv_blocks_free(self) -> int: ...
 
     def add(self, spec: RequestSpec) -> list[Finished]:
-        """Hold a new request in WAITING; returns it at once if nothing is left to generate."""
+        """Hold a new request in WAITING (it has tokens left to generate: the loop sees to
+        that); returns it at once if the engine cannot take it."""
         ...
 
     def holds(self, request_id: str) -> bool: ...

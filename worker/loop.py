@@ -256,6 +256,10 @@ class WorkerLoop:
         ):
             return
         self.publisher.open(spec.request_id, spec.token_stream_key, spec.resume_from_tokens)
+        if spec.resume_from_tokens >= spec.max_tokens:  # moved here after its last token
+            self._finish(Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH,
+                                  spec.resume_from_tokens))
+            return
         if self.engine.needs_payload:
             try:
                 payload = await self._redis.hgetall(spec.payload_key)

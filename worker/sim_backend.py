@@ -81,8 +81,6 @@ class SimBackend:
             return []
         done = spec.resume_from_tokens
         left = spec.max_tokens - done
-        if left <= 0:
-            return [Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH, done)]
         self._next_id += 1
         self._ids[spec.request_id] = self._next_id
         self._names[self._next_id] = spec.request_id

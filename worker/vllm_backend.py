@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,6 @@ class VllmBackend:
             return []
         done = spec.resume_from_tokens
         left = spec.max_tokens - done
-        if left <= 0:
-            return [Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH, done)]
         try:
             prompt_ids = self._prompt_ids(spec)
             params = sampling_params(spec.payload or {}, left)
@@ -195,16 +193,12 @@ class VllmBackend:
         return prompt + list(spec.generated_token_ids)
 
     def apply(self, plan: PlanSpec) -> None:
-        from worker.vllm_scheduler import EnginePlan
-
         def internal(ids: Iterable[str]) -> tuple[str, ...]:
             return tuple(self._internal[r] for r in ids if r in self._internal)
 
-        self.scheduler.apply_plan(EnginePlan(
-            preempt=internal(plan.preempt),
-            pause=internal(plan.pause),
-            resume=internal(plan.resume),
-            admit=internal(plan.admit),
+        self.scheduler.apply_plan(replace(
+            plan, preempt=internal(plan.preempt), pause=internal(plan.pause),
+            resume=internal(plan.resume), admit=internal(plan.admit),
         ))
         self._stalled = False
 

@@ -51,7 +51,7 @@ def _run(backend: VllmBackend, prompts: list[list[int]], max_tokens: int,
     """Admit ``prompts`` together, step until done; seconds of the steps after the first."""
     from vllm import SamplingParams
 
-    from worker.vllm_scheduler import EnginePlan
+    from worker.engine import PlanSpec
 
     engine = backend._engine
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -59,7 +59,7 @@ def _run(backend: VllmBackend, prompts: list[list[int]], max_tokens: int,
     for n, prompt in enumerate(prompts):
         rendered = engine.renderer.render_cmpl([{"prompt_token_ids": prompt}])[0]
         ids.append(engine.add_request(f"calibration-{time.monotonic_ns()}-{n}", rendered, params))
-    backend.scheduler.apply_plan(EnginePlan(admit=tuple(ids)))
+    backend.scheduler.apply_plan(PlanSpec(version=0, admit=tuple(ids)))
     times = []
     while engine.has_unfinished_requests():
         start = time.perf_counter()

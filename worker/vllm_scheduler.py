@@ -29,6 +29,8 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from worker.engine import PlanSpec
+
 SUPPORTED_VLLM = "0.32."
 """The vLLM minor version this adapter was written and tested against."""
 
@@ -44,16 +46,6 @@ def check_vllm_version(version: str = vllm.__version__) -> None:
 
 
 check_vllm_version()
-
-
-@dataclass(frozen=True)
-class EnginePlan:
-    """A plan in vLLM's internal request ids, in the order the plan lists them."""
-
-    preempt: tuple[str, ...] = ()
-    pause: tuple[str, ...] = ()
-    resume: tuple[str, ...] = ()
-    admit: tuple[str, ...] = ()
 
 
 @dataclass
@@ -146,8 +138,9 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
 
     # -- plans --------------------------------------------------------------------------
 
-    def apply_plan(self, plan: EnginePlan) -> None:
-        """Apply a plan at an iteration boundary; actions that no longer apply are skipped."""
+    def apply_plan(self, plan: PlanSpec) -> None:
+        """Apply a plan, in vLLM's internal request ids, at an iteration boundary; actions
+        that no longer apply are skipped (preemption is always recompute: V1 has no swap)."""
         now = time.monotonic()
         for rid in plan.preempt:
             self._preempt(rid, now)
