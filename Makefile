@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: install vllm redis test lint bench bench-vllm demo sweep clean protos
+.PHONY: install vllm redis test lint bench bench-vllm demo sweep clean protos chaos soak
 
 # The services and their tests need a Redis: ANDES_REDIS_URL, or a redis-server binary to start
 # a private one. On a bare machine, install the binary with apt.
@@ -66,6 +66,14 @@ bench: $(STAMP)
 bench-vllm: $(VLLM_STAMP) redis
 	$(PY) benchmarks/vllm_overhead.py --repeats 3
 	$(PY) benchmarks/vs_vllm.py
+
+# Failures on purpose: `chaos` is the long version of tests/chaos/ (`make test` runs it short);
+# `soak` runs 10 minutes at 80% of capacity with a worker killed every minute
+# (writes benchmarks/results/soak.json).
+chaos: $(VLLM_STAMP) redis
+	ANDES_CHAOS_LONG=1 $(PY) -m pytest -q tests/chaos
+soak: $(STAMP) redis
+	$(PY) benchmarks/soak.py
 
 demo: $(STAMP) redis
 	$(PY) -m andes demo

@@ -338,6 +338,16 @@ def _add_generate(commands: Subcommands) -> None:
     generate.add_argument("--timeout", type=positive(float), help="deadline for the call, s")
     generate.add_argument("--api-key", default=os.environ.get("ANDES_API_KEY"),
                           help="API key (env ANDES_API_KEY)")
+    generate.add_argument("--tls", action="store_true",
+                          help="connect over TLS, trusting gRPC's default root certificates")
+    generate.add_argument("--tls-ca", default=os.environ.get("ANDES_GATEWAY_TLS_CA"),
+                          help="PEM CA that signed the gateway's certificate: connect over TLS "
+                               "(env ANDES_GATEWAY_TLS_CA)")
+    generate.add_argument("--tls-cert", default=os.environ.get("ANDES_GATEWAY_CLIENT_CERT"),
+                          help="PEM client certificate, for a gateway that requires one "
+                               "(env ANDES_GATEWAY_CLIENT_CERT)")
+    generate.add_argument("--tls-key", default=os.environ.get("ANDES_GATEWAY_CLIENT_KEY"),
+                          help="PEM private key of --tls-cert (env ANDES_GATEWAY_CLIENT_KEY)")
     generate.set_defaults(handler=_generate)
 
 
@@ -346,9 +356,18 @@ def _generate(args: argparse.Namespace) -> int:
     import asyncio
 
     from andes.client import AndesError, AsyncAndesClient
+    from andes.tls import TlsError
+
+    try:
+        client = AsyncAndesClient(args.target, api_key=args.api_key, tls=args.tls,
+                                  tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                  tls_key=args.tls_key)
+    except TlsError as err:
+        print(f"andes: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
 
     async def stream() -> int:
-        async with AsyncAndesClient(args.target, api_key=args.api_key) as client:
+        async with client:
             generation = client.generate(
                 args.prompt, max_tokens=int(args.max_tokens), ttft_s=args.ttft, tds=args.tds,
                 paced=not args.no_pace, timeout_s=args.timeout,

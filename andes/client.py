@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import grpc
 
 from andes.qoe import TokenPacer, qoe
+from andes.tls import ChannelTls, aio_channel
 from andes.v1 import generation_pb2, generation_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -263,10 +264,28 @@ def split_text(text: str, parts: int) -> list[str]:
 
 
 class AsyncAndesClient:
-    """A connection to a gateway (one channel, reused by every call)."""
+    """A connection to a gateway (one channel, reused by every call).
 
-    def __init__(self, target: str = DEFAULT_TARGET, api_key: str | None = None) -> None:
+    TLS: ``tls_ca`` (a PEM file of the CA that signed the gateway's certificate) turns it on;
+    ``tls_cert`` and ``tls_key`` (PEM files) are this client's identity for a gateway that
+    requires client certificates; ``tls=True`` alone trusts gRPC's default root certificates.
+    The files are read here, so a bad one raises :class:`andes.tls.TlsError` (a ValueError)
+    at once.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        api_key: str | None = None,
+        *,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         self.target = target
+        self._tls = ChannelTls(ca=tls_ca or "", cert=tls_cert or "", key=tls_key or "",
+                               system_roots=tls).load()
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
@@ -276,7 +295,7 @@ class AsyncAndesClient:
     def _service(self) -> Any:
         # Created on first use, inside the event loop that will run the calls.
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._channel = aio_channel(self.target, self._tls, CHANNEL_OPTIONS)
             self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]
         return self._stub
 
@@ -397,14 +416,26 @@ class SyncGenerationStream(Iterator[TokenEvent]):
 
 
 class AndesClient:
-    """Synchronous client: an :class:`AsyncAndesClient` on a private event-loop thread."""
+    """Synchronous client: an :class:`AsyncAndesClient` on a private event-loop thread (the
+    same TLS options)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        api_key: str | None = None,
+        *,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        # First: bad TLS files raise before a thread exists.
+        self._client = AsyncAndesClient(target, api_key, tls=tls, tls_ca=tls_ca,
+                                        tls_cert=tls_cert, tls_key=tls_key)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="andes-client",
                                         daemon=True)
         self._thread.start()
-        self._client = AsyncAndesClient(target, api_key)
 
     def _run(self, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result()

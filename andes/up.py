@@ -69,6 +69,7 @@ class ClusterConfig:
 @dataclass
 class _Service:
     name: str
+    argv: list[str]
     process: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
 
@@ -184,7 +185,7 @@ class LocalCluster:
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             start_new_session=True,
         )
-        service = _Service(name, process)
+        service = _Service(name, argv, process)
         self._services.append(service)
         ready = threading.Event()
         log = (self.log_dir / f"{name}.log").open("w") if self.log_dir else None
@@ -231,6 +232,31 @@ class LocalCluster:
         if self._redis_dir is not None:
             self._redis_dir.cleanup()
             self._redis_dir = None
+
+    def _service(self, name: str) -> _Service:
+        for service in self._services:
+            if service.name == name:
+                return service
+        raise KeyError(f"no service named {name!r}: {[s.name for s in self._services]}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a service (SIGKILL: a crash) and, unless it is a pause
+        (SIGSTOP), wait for the process to end."""
+        process = self._service(name).process
+        process.send_signal(sig)
+        if sig not in (signal.SIGSTOP, signal.SIGCONT):
+            process.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        """Start a service again with the same command line (after :meth:`kill`, or a crash)
+        and wait for its READY line; a live one is killed first."""
+        service = self._service(name)
+        if service.process.poll() is None:
+            self.kill(name)
+        position = self._services.index(service)
+        self._services.remove(service)
+        self._spawn(name, service.argv)
+        self._services.insert(position, self._services.pop())  # keep the stop order
 
     def pids(self) -> dict[str, int]:
         """Process id of every running service (and of the private Redis, if one)."""

@@ -14,7 +14,9 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from andes.tls import ChannelTls, ServerTls
 from andes.tokenstream import DEFAULT_PREFIX
+from gateway.ratelimit import KeyLimits
 from gateway.validation import Limits
 
 
@@ -33,6 +35,12 @@ class GatewayConfig:
     max_streams: int = 4096
     limits: Limits = field(default_factory=Limits)
     api_keys_file: str | None = None
+    key_limits: KeyLimits = field(default_factory=KeyLimits)
+    """Each API key's limits unless its key file line says otherwise (without keys: the one
+    anonymous key's, shared by every client); 0: unlimited."""
+    stalled_client_timeout_s: float = 0.0
+    """Cancel a stream (and abort its request) whose client accepted no message for this long
+    (0: never; memory stays bounded either way, see :mod:`gateway.service`)."""
     metrics_port: int = 0
     drain_seconds: float = 30.0
     gateway_id: str = ""
@@ -41,6 +49,10 @@ class GatewayConfig:
     tokenizer: str = ""
     """Model directory whose tokenizer counts prompt tokens and renders chats (empty: the
     approximation and the default chat template)."""
+    tls: ServerTls = field(default_factory=ServerTls)
+    """TLS of both listeners, gRPC and HTTP (empty: plaintext)."""
+    scheduler_tls: ChannelTls = field(default_factory=ChannelTls)
+    """TLS of the channel to the scheduler (empty: plaintext)."""
 
     def resolved_gateway_id(self) -> str:
         """The configured id, or ``host:pid:random`` (unique per process, so wake streams and
@@ -122,7 +134,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("--max-prompt-tokens", "ANDES_GATEWAY_MAX_PROMPT_TOKENS", "50000",
          "most prompt_token_ids accepted", _bounded(int, 1))
     flag("--api-keys-file", "ANDES_API_KEYS_FILE", None,
-         "file of SHA-256 digests of accepted API keys, one per line (none: no auth)")
+         "file of SHA-256 digests of accepted API keys, one per line, each optionally "
+         "followed by name=, rate=, burst=, max_streams= (none: no auth)")
+    flag("--key-rate", "ANDES_KEY_RATE", "0",
+         "generation requests per second per API key, a token bucket (without keys: for all "
+         "clients together; 0: unlimited)", _bounded(float, 0))
+    flag("--key-burst", "ANDES_KEY_BURST", "0",
+         "token bucket size per API key (0: one second of --key-rate, at least 1)",
+         _bounded(float, 0))
+    flag("--key-max-streams", "ANDES_KEY_MAX_STREAMS", "0",
+         "concurrent generation streams per API key (0: unlimited)", _bounded(int, 0))
+    flag("--stalled-client-timeout-s", "ANDES_GATEWAY_STALLED_CLIENT_TIMEOUT_S", "0",
+         "cancel a stream whose client accepted no message for this long, aborting its "
+         "request (0: never)", _bounded(float, 0))
     flag("--metrics-port", "ANDES_GATEWAY_METRICS_PORT", "0",
          "serve Prometheus /metrics on this port of the listen host (0: off)", _bounded(int, 0))
     flag("--drain-seconds", "ANDES_GATEWAY_DRAIN_SECONDS", "30",
@@ -132,6 +156,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
          "renders chat requests (empty: chars/4 and the default template)")
     flag("--gateway-id", "ANDES_GATEWAY_ID", "",
          "this gateway's id in scheduler reports (default host:pid:random)")
+    flag("--tls-cert", "ANDES_TLS_CERT", "",
+         "PEM certificate chain: serve gRPC and HTTP over TLS (empty: plaintext)")
+    flag("--tls-key", "ANDES_TLS_KEY", "", "PEM private key of --tls-cert")
+    flag("--tls-client-ca", "ANDES_TLS_CLIENT_CA", "",
+         "PEM CA: require client certificates it signed (mutual TLS; empty: none asked)")
+    flag("--scheduler-tls-ca", "ANDES_SCHEDULER_TLS_CA", "",
+         "PEM CA that verifies the scheduler: dial it over TLS (empty: plaintext)")
+    flag("--scheduler-tls-cert", "ANDES_SCHEDULER_CLIENT_CERT", "",
+         "PEM certificate this gateway presents to the scheduler (mutual TLS)")
+    flag("--scheduler-tls-key", "ANDES_SCHEDULER_CLIENT_KEY", "",
+         "PEM private key of --scheduler-tls-cert")
+    flag("--scheduler-tls-server-name", "ANDES_SCHEDULER_TLS_SERVER_NAME", "",
+         "the name the scheduler's certificate carries, if not the --scheduler host")
     return parser
 
 
@@ -147,6 +184,8 @@ def parse_config(argv: Sequence[str] | None = None,
             max_prompt_chars=int(args.max_prompt_chars),
             max_prompt_tokens=int(args.max_prompt_tokens),
         )
+        key_limits = KeyLimits(rate=float(args.key_rate), burst=float(args.key_burst),
+                               max_streams=int(args.key_max_streams))
     except ValueError as err:
         parser.error(str(err))
     return GatewayConfig(
@@ -159,8 +198,14 @@ def parse_config(argv: Sequence[str] | None = None,
         max_streams=int(args.max_streams),
         limits=limits,
         api_keys_file=args.api_keys_file or None,
+        key_limits=key_limits,
+        stalled_client_timeout_s=float(args.stalled_client_timeout_s),
         metrics_port=int(args.metrics_port),
         drain_seconds=float(args.drain_seconds),
         gateway_id=args.gateway_id,
         tokenizer=args.tokenizer,
+        tls=ServerTls(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
+        scheduler_tls=ChannelTls(ca=args.scheduler_tls_ca, cert=args.scheduler_tls_cert,
+                                 key=args.scheduler_tls_key,
+                                 server_name=args.scheduler_tls_server_name),
     )

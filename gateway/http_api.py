@@ -14,8 +14,9 @@ delivered when the answer is written.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; the gateway's
 statuses map to HTTP as google.rpc's codes do (INVALID_ARGUMENT 400, UNAUTHENTICATED 401,
-ALREADY_EXISTS 409, RESOURCE_EXHAUSTED 429, CANCELLED 499, UNAVAILABLE 503, other 500). Once a
-stream has begun, an error is a last ``data: {"error": ...}`` event followed by ``data: [DONE]``.
+ALREADY_EXISTS 409, RESOURCE_EXHAUSTED 429 (``Retry-After`` when a key's rate limit refused it),
+CANCELLED 499, UNAVAILABLE 503, other 500). Once a stream has begun, an error is a last
+``data: {"error": ...}`` event followed by ``data: [DONE]``.
 The server runs with handler cancellation: a client that goes away cancels its handler, which
 aborts the request on the scheduler, as a dropped gRPC stream does.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from andes.v1 import generation_pb2
@@ -38,6 +41,7 @@ from gateway.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from gateway.config import join_host_port
 from gateway.metrics import GatewayMetrics
 from gateway.openai_request import OpenAIRequest, parse_chat, parse_completion
+from gateway.ratelimit import retry_after_seconds
 from gateway.service import Call, Delta, GenerationError, GenerationService
 from gateway.validation import Limits
 
@@ -93,7 +97,10 @@ def error_body(message: str, status: int, param: str | None = None) -> dict[str,
 
 def error_response(err: GenerationError) -> web.Response:
     status = HTTP_STATUS.get(err.code, 500)
-    return _json(error_body(err.message, status, err.param), status)
+    headers = None
+    if err.retry_after_s is not None:  # a per-key rate limit: when a retry will be admitted
+        headers = {"Retry-After": str(retry_after_seconds(err.retry_after_s))}
+    return _json(error_body(err.message, status, err.param), status, headers)
 
 
 def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None,
@@ -281,16 +288,16 @@ class HttpApi:
         app.router.add_get("/metrics", self._metrics)
         return app
 
-    async def start(self, host: str, port: int) -> str:
-        """Serve on ``host:port`` (port 0: any free one); the bound address. Raises OSError
-        when the address is taken."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve on ``host:port`` (port 0: any free one), HTTPS with ``ssl_context``; the bound
+        address. Raises OSError when the address is taken."""
         # handler_cancellation: a client that disconnects cancels its handler, which aborts
         # its request (the default lets a stream run on until its next write fails).
         runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None,
                                shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         self.address = join_host_port(host, int(runner.addresses[0][1]))
         return self.address
 
@@ -352,12 +359,24 @@ class HttpApi:
                     reply = kind(request, endpoint, parsed, call, self.model)
                     await reply.open()
                     async for delta in generation:
-                        await reply.write(delta)
-                await reply.close()
+                        async with self.service.sending():
+                            await reply.write(delta)
+                async with self.service.sending():
+                    await reply.close()
         except GenerationError as err:
             if reply is None or reply.response is None:
-                return error_response(err)
-            await reply.fail(err)
+                response = error_response(err)
+                if request.content.exception() is not None:
+                    # A body that could not be decoded: the connection's next
+                    # bytes are not a request, so close it after this answer.
+                    response.force_close()
+                return response
+            if err.outcome == "stalled" and request.transport is not None:
+                # The client reads nothing, so no error event can reach it: drop the
+                # connection and the response it left in the send buffer.
+                request.transport.abort()
+            else:
+                await reply.fail(err)
         except ConnectionResetError:
             log.debug("%s: the client left mid-response", request.path)
         except Exception as err:
@@ -401,6 +420,14 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"the request body is larger than {request.client_max_size} bytes",
         ) from err
+    except web.RequestPayloadError as err:  # a Content-Encoding or chunking it does not fit
+        cause = err.__cause__
+        detail = cause.message if isinstance(cause, HttpProcessingError) else str(err)
+        # Read no further: aiohttp would otherwise drain the rest of the body after the
+        # answer, meet the same error again and log it as unhandled.
+        request.content.feed_eof()
+        raise GenerationError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request body cannot be read: {detail}") from err
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, or nested too deep

@@ -25,9 +25,10 @@ OUTCOMES = (
     "cancelled",  # Cancel RPC, or finished with CANCELLED
     "disconnected",  # the client went away mid-stream
     "deadline",  # the client's deadline passed
+    "stalled",  # the client accepted no message for --stalled-client-timeout-s
     "invalid",  # INVALID_ARGUMENT
     "unauthenticated",
-    "rejected",  # RESOURCE_EXHAUSTED (max streams, or the scheduler is full)
+    "rejected",  # RESOURCE_EXHAUSTED (max streams, a per-key limit, the scheduler is full)
     "unavailable",  # draining, or the scheduler / Redis is unreachable
     "already_exists",
     "not_found",  # resuming an unknown request (HTTP: an unknown route)
@@ -67,6 +68,12 @@ class GatewayMetrics:
         )
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
+        self.rate_limited = Counter(
+            "andes_gateway_rate_limited",
+            "Generation requests refused by a per-API-key limit, by key name and limit "
+            "('rate': requests/s, 'streams': concurrent streams).",
+            ["key", "limit"], registry=self.registry,
+        )
         self.http_requests = Counter(
             "andes_http_requests",
             "HTTP API requests by endpoint (route, or 'other') and outcome (as above).",

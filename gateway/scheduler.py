@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from andes.tls import ChannelCredentials, aio_channel
 from andes.v1 import generation_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,12 @@ def _client_error(err: grpc.aio.AioRpcError, what: str) -> SchedulerError:
 
 
 class SchedulerClient:
-    """Submit / Abort / ReportDelivery on ``target`` (host:port)."""
+    """Submit / Abort / ReportDelivery on ``target`` (host:port), over TLS when given
+    ``credentials``."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, credentials: ChannelCredentials | None = None) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = aio_channel(target, credentials)
         self._stub: Any = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def submit(

@@ -25,12 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
-from andes.v1 import generation_pb2, generation_pb2_grpc
+from andes.tls import TlsError, add_port
+from andes.v1 import generation_pb2
 from gateway.auth import ApiKeys
 from gateway.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from gateway.config import GatewayConfig, split_host_port
 from gateway.delivery import DeliveryReporter
-from gateway.grpc_api import GrpcApi
+from gateway.grpc_api import GrpcApi, server_options
 from gateway.http_api import HttpApi
 from gateway.metrics import GatewayMetrics
 from gateway.payload import PayloadStore
@@ -91,6 +92,12 @@ class Gateway:
             self._tokenizer = ModelTokenizer(config.tokenizer) if config.tokenizer else None
         except ValueError as err:
             raise StartupError(str(err)) from err
+        try:
+            # Read and checked here, so bad TLS files stop the start before anything connects.
+            self._tls = config.tls.load()
+            self._scheduler_tls = config.scheduler_tls.load()
+        except TlsError as err:
+            raise StartupError(str(err)) from err
         self.chat_template = self._tokenizer or chat_template
         self.address = ""
         self.http_address = ""
@@ -127,7 +134,7 @@ class Gateway:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         await self._wait_for_redis(self._redis)
-        self._scheduler = SchedulerClient(config.scheduler)
+        self._scheduler = SchedulerClient(config.scheduler, self._scheduler_tls)
         self._reporter = DeliveryReporter(
             self._scheduler, self.gateway_id, interval_s=config.report_interval_s
         )
@@ -144,17 +151,18 @@ class Gateway:
             max_streams=config.max_streams,
             submit_timeout_s=config.submit_timeout_s,
             prompt_counter=self._tokenizer,
+            key_limits=config.key_limits,
+            stalled_client_timeout_s=config.stalled_client_timeout_s,
         )
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        servicer = GrpcApi(self._service)
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        server = grpc.aio.server(options=[*SERVER_OPTIONS, *server_options(config.limits)])
+        GrpcApi(self._service).add_to_server(server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            port = server.add_insecure_port(config.listen)
+            port = add_port(server, config.listen, self._tls)
         except RuntimeError as err:
             raise StartupError(f"cannot listen on {config.listen}: {err}") from err
         if port == 0:
@@ -180,7 +188,9 @@ class Gateway:
                              chat_template=self.chat_template)
         try:
             host, port = split_host_port(config.http_listen)
-            self.http_address = await self._http.start(host, port)
+            self.http_address = await self._http.start(
+                host, port, ssl_context=self._tls.ssl_context if self._tls else None
+            )
         except (OSError, ValueError) as err:
             raise StartupError(f"cannot listen on {config.http_listen}: {err}") from err
 

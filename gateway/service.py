@@ -18,6 +18,34 @@ Ending a stream early always tells the scheduler (``Abort``, from a background t
 outlives the cancelled handler), so an abandoned request frees its KV cache within one worker
 iteration. asyncio.CancelledError is re-raised everywhere: both servers cancel the handler task
 when the client goes away (grpc.aio also when the deadline passes).
+
+Per-key limits: admission also checks the caller's API key (:mod:`gateway.auth`; without keys
+every client is the one ``anonymous`` key) against its request rate and concurrent streams
+(:mod:`gateway.ratelimit`): RESOURCE_EXHAUSTED (HTTP 429) naming the limit, with a retry time
+for the rate. A stream counts against its key from admission until the admission block is left,
+however the request ends (finished, cancelled, failed, disconnected).
+
+Slow clients: a client that stops reading cannot grow the gateway's memory without bound. Each
+place tokens could pile up is bounded:
+
+- the request's queue in the :class:`~gateway.streams.StreamHub`: at most ``queue_size``
+  chunks, then the hub stops reading that stream from Redis (the entries stay in Redis, bounded
+  by the request's ``max_tokens`` and the stream's MAXLEN) and resumes once the queue drains;
+- pending text: one :class:`Delta` at a time (what the queue held when it was read); the
+  front end writes it before the next one is assembled, so a write that blocks stops reading
+  (a whole, non-streamed answer holds its response, bounded by ``max_tokens``);
+- gRPC send buffers: ``context.write`` returns only once HTTP/2 flow control has taken the
+  message, so the gateway holds at most the one message being written (the client's window
+  holds the rest, in the client's memory);
+- HTTP response buffers: aiohttp's writes wait for the socket to drain past its high-water
+  mark, so a response buffers tens of KiB plus the delta being written.
+
+A stalled stream therefore only holds its slot (``--max-streams``, its key's ``max_streams``)
+and its request keeps generating into Redis up to ``max_tokens``. With
+``--stalled-client-timeout-s`` a front end's write that has not completed in that time ends the
+stream: its request is aborted on the scheduler (freeing its KV cache), it counts as outcome
+``stalled``, and the client gets DEADLINE_EXCEEDED after the messages it had accepted (gRPC) or
+a dropped connection (HTTP: no error event could reach a client that does not read).
 """
 
 from __future__ import annotations
@@ -37,10 +65,11 @@ from redis.exceptions import RedisError
 from andes.qoe import TokenPacer
 from andes.tokenstream import TokenChunk
 from andes.v1 import generation_pb2
-from gateway.auth import ApiKeys
+from gateway.auth import ANONYMOUS, ApiKey, ApiKeys
 from gateway.delivery import DeliveryReporter, Progress
 from gateway.metrics import GatewayMetrics
 from gateway.payload import PayloadStore
+from gateway.ratelimit import KeyLimiter, KeyLimits
 from gateway.scheduler import SchedulerClient, SchedulerError
 from gateway.streams import StreamError, StreamHub, StreamInterrupted, Subscription
 from gateway.tokens import ApproximateCounter, PromptCounter
@@ -71,14 +100,19 @@ class GenerationError(Exception):
 
     The status is a gRPC code on both front ends: it is the gateway's own vocabulary (the
     scheduler's errors arrive in it); the gRPC API returns it as is, the HTTP API maps it to an
-    HTTP status. ``param`` names the offending request field, when there is one.
+    HTTP status. ``param`` names the offending request field, when there is one;
+    ``retry_after_s`` says when a refused request may be retried (HTTP ``Retry-After``);
+    ``outcome`` overrides the metrics outcome the code implies.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, *, param: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, param: str | None = None,
+                 retry_after_s: float | None = None, outcome: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
+        self.retry_after_s = retry_after_s
+        self._outcome = outcome
 
     @classmethod
     def invalid(cls, err: ValidationError) -> GenerationError:
@@ -87,7 +121,7 @@ class GenerationError(Exception):
 
     @property
     def outcome(self) -> str:
-        return OUTCOME_BY_CODE.get(self.code, "error")
+        return self._outcome or OUTCOME_BY_CODE.get(self.code, "error")
 
 
 @dataclass
@@ -146,6 +180,9 @@ class GenerationService:
         max_streams: int = 4096,
         submit_timeout_s: float = 10.0,
         prompt_counter: PromptCounter | None = None,
+        key_limits: KeyLimits | None = None,
+        key_limiter: KeyLimiter | None = None,
+        stalled_client_timeout_s: float = 0.0,
     ) -> None:
         self.limits = limits
         self.prompt_counter = prompt_counter or ApproximateCounter()
@@ -158,6 +195,10 @@ class GenerationService:
         self.api_keys = api_keys
         self.max_streams = max_streams
         self.submit_timeout_s = submit_timeout_s
+        self.key_limits = key_limits or KeyLimits()
+        """Each key's limits where its key file line sets none."""
+        self.key_limiter = key_limiter or KeyLimiter()
+        self.stalled_client_timeout_s = stalled_client_timeout_s
         self.draining = False
         self.active_streams = 0
         self._idle = asyncio.Event()
@@ -187,27 +228,39 @@ class GenerationService:
 
     # -- a request, step by step -----------------------------------------------------------
 
-    def authorize(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
-        """UNAUTHENTICATED unless ``metadata`` (gRPC metadata or HTTP headers) carries
-        ``authorization: Bearer <key>`` with an accepted key (any, when keys are off)."""
-        if self.api_keys is not None and not self.api_keys.allows(metadata):
+    def authorize(self, metadata: Iterable[tuple[str, str | bytes]]) -> ApiKey:
+        """The caller's key: UNAUTHENTICATED unless ``metadata`` (gRPC metadata or HTTP
+        headers) carries ``authorization: Bearer <key>`` with an accepted key (when keys are
+        off: the anonymous key every client shares)."""
+        if self.api_keys is None:
+            return ANONYMOUS
+        key = self.api_keys.identify(metadata)
+        if key is None:
             raise GenerationError(grpc.StatusCode.UNAUTHENTICATED,
                                   "missing or unknown API key (authorization: Bearer <key>)")
+        return key
+
+    def key_streams(self, name: str) -> int:
+        """Streams in progress of the API key called ``name``."""
+        return self.key_limiter.streams(name)
 
     @contextlib.contextmanager
     def admitted(self, call: Call, metadata: Iterable[tuple[str, str | bytes]]) -> Iterator[None]:
-        """Authorize and admit ``call``, count it as a stream in progress while the block runs,
-        and record how it ended. A :class:`ValidationError` raised inside is the request's
-        fault: it leaves the block as INVALID_ARGUMENT."""
+        """Authorize and admit ``call``, count it as a stream in progress (of the gateway and
+        of its key) while the block runs, and record how it ended. A :class:`ValidationError`
+        raised inside is the request's fault: it leaves the block as INVALID_ARGUMENT."""
         started = False
+        key_admitted: str | None = None
         try:
-            self.authorize(metadata)
+            key = self.authorize(metadata)
             if self.draining:
                 raise GenerationError(grpc.StatusCode.UNAVAILABLE,
                                       "the gateway is draining: retry on another gateway")
             if self.active_streams >= self.max_streams:
                 raise GenerationError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                       f"the gateway is at its limit of {self.max_streams} streams")
+            self._admit_key(key)
+            key_admitted = key.name
             self._stream_started()
             started = True
             yield
@@ -223,7 +276,31 @@ class GenerationService:
         finally:
             if started:
                 self._stream_ended()
+            if key_admitted is not None:
+                self.key_limiter.release(key_admitted)
             self.metrics.requests.labels(outcome=call.outcome).inc()
+
+    @contextlib.asynccontextmanager
+    async def sending(self) -> AsyncIterator[None]:
+        """Wrap a front end's write to its client: with ``--stalled-client-timeout-s``, a write
+        the client has not accepted within it raises GenerationError (DEADLINE_EXCEEDED,
+        outcome ``stalled``), which aborts the request like any error inside a generation."""
+        timeout_s = self.stalled_client_timeout_s
+        if not timeout_s:
+            yield
+            return
+        timeout = asyncio.timeout(timeout_s)
+        try:
+            async with timeout:
+                yield
+        except TimeoutError as err:
+            if not timeout.expired():
+                raise  # not ours
+            raise GenerationError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the client accepted no message for {timeout_s:g} s (stalled client): the "
+                "stream was cancelled and its request aborted", outcome="stalled",
+            ) from err
 
     @contextlib.asynccontextmanager
     async def generation(
@@ -286,6 +363,14 @@ class GenerationService:
             log.warning("Cancel %s: %s (the local stream is cancelled)", request_id, err)
             found = False
         return found or bool(local)
+
+    def _admit_key(self, key: ApiKey) -> None:
+        """Count a stream of ``key``, or RESOURCE_EXHAUSTED naming the limit it is over."""
+        refusal = self.key_limiter.admit(key.name, key.limits(self.key_limits))
+        if refusal is not None:
+            self.metrics.rate_limited.labels(key=key.name, limit=refusal.limit).inc()
+            raise GenerationError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message,
+                                  retry_after_s=refusal.retry_after_s)
 
     def _stream_started(self) -> None:
         self.active_streams += 1

@@ -13,9 +13,12 @@ out, so every reader also reads its own small *wake stream*; :meth:`StreamHub.su
 to it, which ends the block at once. The reader tracks the wake stream's last id (never ``$``),
 so a wake-up sent between building the key list and Redis running the command is not lost.
 
-Backpressure: a queue is soft-bounded. When a request's consumer falls ``queue_size`` chunks
+Backpressure: a queue is bounded. When a request's consumer falls ``queue_size`` chunks
 behind, its reader stops reading that key (entries stay in Redis, nothing is dropped) until the
-consumer catches up, so one slow client never stalls the other streams.
+consumer has taken half of them, so one slow client never stalls the other streams, and a
+client that never reads holds at most ``queue_size`` chunks here however long its response
+(besides a chunk, a queue only ever gets one end-of-stream item: an interruption or an error).
+:attr:`StreamHub.peak_queued` and :meth:`StreamHub.backlog` make the bound observable.
 
 Resume: a subscription starts at the stream's first entry and skips entries before its
 ``from_index`` using the index every entry carries (``TokenChunk.after``).
@@ -153,6 +156,8 @@ class StreamHub:
         self.outage_s = outage_s
         self._readers: list[_Reader] = []
         self._closed = False
+        self.peak_queued = 0
+        """The most chunks any one subscription's queue has held (at most ``queue_size``)."""
 
     @property
     def readers(self) -> int:
@@ -161,6 +166,16 @@ class StreamHub:
     @property
     def subscriptions(self) -> int:
         return sum(len(reader.feeds) for reader in self._readers)
+
+    @property
+    def paused(self) -> int:
+        """Subscriptions whose key is not being read because their consumer is behind."""
+        return sum(feed.paused for reader in self._readers for feed in reader.feeds)
+
+    def backlog(self, key: str) -> int:
+        """Chunks read from stream ``key`` that its subscriptions' consumers have not taken."""
+        return sum(feed.queue.qsize() for reader in self._readers for feed in reader.feeds
+                   if feed.key == key)
 
     async def subscribe(self, key: str, from_index: int = 0) -> Subscription:
         """Start reading ``key`` from token ``from_index``; the reader joins it at once."""
@@ -336,6 +351,7 @@ class _Reader:
             if part is None:
                 continue
             feed.queue.put_nowait(part)
+            self.hub.peak_queued = max(self.hub.peak_queued, feed.queue.qsize())
             if part.finish_reason:
                 self.remove(feed)  # the final entry: nothing more to read
                 return

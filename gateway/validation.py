@@ -122,9 +122,11 @@ class ValidRequest:
     sampling: Sampling = field(default_factory=Sampling)
     resume_from_index: int = 0
 
+    reattach: bool = False
+
     @property
     def is_resume(self) -> bool:
-        return self.resume_from_index > 0
+        return self.reattach or self.resume_from_index > 0
 
 
 def validate(request: generation_pb2.GenerateRequest, limits: Limits) -> ValidRequest:
@@ -132,15 +134,18 @@ def validate(request: generation_pb2.GenerateRequest, limits: Limits) -> ValidRe
     field (fields are checked in declaration order, so the error is deterministic)."""
     request_id, generated = _request_id(request)
     resume = int(request.resume_from_index)
-    if resume > 0 and generated:
+    reattach = request.reattach or resume > 0
+    if reattach and generated:
         raise ValidationError(
-            "resume_from_index", "reattaching needs the request_id of the request to resume"
+            "reattach" if request.reattach else "resume_from_index",
+            "reattaching needs the request_id of the request to resume",
         )
-    if resume > 0:
+    if reattach:
         # The live request already has its prompt, sampling and QoE; only the id matters.
         return ValidRequest(
             request_id=request_id, id_generated=False, prompt="", prompt_token_ids=(),
             max_tokens=0, ttft_s=DEFAULT_TTFT_S, tds=DEFAULT_TDS, resume_from_index=resume,
+            reattach=True,
         )
     prompt, token_ids = _prompt(request, limits)
     max_tokens = _max_tokens(int(request.max_tokens), limits)

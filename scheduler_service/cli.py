@@ -17,6 +17,7 @@ import uvloop
 from prometheus_client import start_http_server
 
 from andes.policies import POLICY_NAMES, make_policy
+from andes.tls import ServerCredentials, ServerTls, TlsError
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.server import SchedulerServer
 
@@ -45,10 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=_env_float("ANDES_REPLAN_AFTER_S", 1.0),
                         help="plan each worker at least this often")
     parser.add_argument("--worker-timeout-s", type=float,
-                        default=_env_float("ANDES_WORKER_TIMEOUT_S", 2.0),
+                        default=_env_float("ANDES_WORKER_TIMEOUT_S", 1.5),
                         help="a worker silent this long is dead")
     parser.add_argument("--reassign-grace-s", type=float,
-                        default=_env_float("ANDES_REASSIGN_GRACE_S", 5.0),
+                        default=_env_float("ANDES_REASSIGN_GRACE_S", 1.0),
                         help="how long a dead worker's requests wait for it to come back")
     parser.add_argument("--max-queue", type=int, default=int(env("ANDES_MAX_QUEUE", "0")),
                         help="most unfinished requests per worker (0: no limit)")
@@ -57,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve Prometheus metrics on this port (0: off)")
     parser.add_argument("--metrics-addr", default=env("ANDES_METRICS_ADDR", "127.0.0.1"))
     parser.add_argument("--log-level", default=env("ANDES_LOG_LEVEL", "INFO"))
+    parser.add_argument("--tls-cert", default=env("ANDES_SCHEDULER_TLS_CERT", ""),
+                        help="PEM certificate chain: serve TLS only (empty: plaintext)")
+    parser.add_argument("--tls-key", default=env("ANDES_SCHEDULER_TLS_KEY", ""),
+                        help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", default=env("ANDES_SCHEDULER_TLS_CLIENT_CA", ""),
+                        help="PEM CA: accept only clients (gateways, workers) presenting a "
+                             "certificate it signed (mutual TLS)")
     args = parser.parse_args(argv)
     for name in ("plan_interval_ms", "replan_after_s", "worker_timeout_s"):
         if getattr(args, name) <= 0:
@@ -78,8 +86,8 @@ def build_scheduler(args: argparse.Namespace) -> Scheduler:
     )
 
 
-async def _main(args: argparse.Namespace) -> None:
-    server = SchedulerServer(build_scheduler(args), args.listen)
+async def _main(args: argparse.Namespace, credentials: ServerCredentials | None) -> None:
+    server = SchedulerServer(build_scheduler(args), args.listen, credentials)
     await server.start()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_addr)
@@ -99,5 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    uvloop.run(_main(args))
+    try:
+        # Checked before serving: a bad file is one line now, not a failed handshake later.
+        credentials = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca).load()
+    except TlsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    uvloop.run(_main(args, credentials))
     return 0

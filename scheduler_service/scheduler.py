@@ -109,8 +109,10 @@ def assignment_for(entry: RequestEntry) -> Outgoing:
     )
 
 
-def _abort_message(request_ids: list[str]) -> Outgoing:
-    return Outgoing(abort_requests=scheduler_pb2.AbortRequests(request_ids=request_ids))
+def _abort_message(request_ids: list[str], *, moved: bool = False) -> Outgoing:
+    return Outgoing(
+        abort_requests=scheduler_pb2.AbortRequests(request_ids=request_ids, moved=moved)
+    )
 
 
 def _positive_finite(value: float) -> bool:
@@ -160,8 +162,8 @@ class Scheduler:
         *,
         plan_interval_s: float = 0.05,
         replan_after_s: float = 1.0,
-        worker_timeout_s: float = 2.0,
-        reassign_grace_s: float = 5.0,
+        worker_timeout_s: float = 1.5,
+        reassign_grace_s: float = 1.0,
         max_queue_per_worker: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -292,7 +294,7 @@ class Scheduler:
             worker_id, registration.requests, now
         )
         if stale:
-            handle.send(_abort_message(stale))
+            handle.send(_abort_message(stale, moved=True))
         self.sessions[worker_id] = handle
         handle.task = asyncio.create_task(self._plan_loop(handle), name=f"plan-{worker_id}")
         metrics.WORKERS_LIVE.set(len(self.sessions))
@@ -320,7 +322,7 @@ class Scheduler:
         worker_id = handle.worker_id
         effects = self.table.apply_report(worker_id, report, now)
         if effects.stale:
-            handle.send(_abort_message(effects.stale))
+            handle.send(_abort_message(effects.stale, moved=True))
         if not handle.synced:
             handle.synced = True
             held = {p.request_id for p in report.requests}

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from andes.tls import ServerCredentials, add_port
 from andes.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_service.scheduler import RejectedError, Scheduler, WorkerSessionHandle
 
@@ -104,11 +105,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
 
 class SchedulerServer:
-    """The gRPC server around a scheduler: start, address, graceful stop."""
+    """The gRPC server around a scheduler: start, address, graceful stop. With
+    ``credentials`` it serves TLS only (and, with a client CA, only to clients it signed)."""
 
-    def __init__(self, scheduler: Scheduler, listen: str = "127.0.0.1:50052") -> None:
+    def __init__(self, scheduler: Scheduler, listen: str = "127.0.0.1:50052",
+                 credentials: ServerCredentials | None = None) -> None:
         self.scheduler = scheduler
         self.listen = listen
+        self.credentials = credentials
         self.server = grpc.aio.server()
         self.health = health_aio.HealthServicer()
         self.port = 0
@@ -128,7 +132,7 @@ class SchedulerServer:
              reflection.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(self.listen)
+        self.port = add_port(self.server, self.listen, self.credentials)
         await self.scheduler.start()
         await self.server.start()
         for service in ("", SERVICE_NAME):

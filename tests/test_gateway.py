@@ -56,10 +56,15 @@ def _text(token_ids: tuple[int, ...]) -> str:
 
 
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """Submit records the request and writes its tokens to Redis (the worker's job)."""
+    """Submit records the request and writes its tokens to Redis (the worker's job).
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    ``hold_prefix``: requests whose id starts with it are held open until aborted (empty:
+    none are, for tests whose ids are arbitrary).
+    """
+
+    def __init__(self, redis: aioredis.Redis, hold_prefix: str = "hold") -> None:
         self.redis = redis
+        self.hold_prefix = hold_prefix
         self.submits: dict[str, scheduler_pb2.SubmitRequest] = {}
         self.aborts: list[tuple[str, str]] = []
         self.progress: list[scheduler_pb2.DeliveryProgress] = []
@@ -77,7 +82,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.SubmitResponse(worker_id="test-worker")
 
     async def _produce(self, request: scheduler_pb2.SubmitRequest) -> None:
-        hold = request.request_id.startswith("hold")
+        hold = bool(self.hold_prefix) and request.request_id.startswith(self.hold_prefix)
         total = 2 * TOKENS_PER_CHUNK if hold else request.max_tokens
         for start in range(0, total, TOKENS_PER_CHUNK):
             ids = _token_ids(start, min(total, start + TOKENS_PER_CHUNK))
@@ -130,10 +135,12 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(redis_url: str, **config: Any) -> AsyncIterator[Cluster]:
+async def cluster(
+    redis_url: str, hold_prefix: str = "hold", **config: Any
+) -> AsyncIterator[Cluster]:
     """A fake scheduler and a real gateway on free ports, with a fresh key prefix."""
     redis = aioredis.from_url(redis_url)
-    fake = FakeScheduler(redis)
+    fake = FakeScheduler(redis, hold_prefix)
     scheduler_server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(fake, scheduler_server)  # type: ignore[no-untyped-call]
     scheduler_port = scheduler_server.add_insecure_port("127.0.0.1:0")

@@ -72,6 +72,7 @@ def _full_request() -> generation_pb2.GenerateRequest:
         ),
         qoe=generation_pb2.QoESpec(ttft_s=1.0, tds=4.8),
         resume_from_index=7,
+        reattach=True,
     )
 
 

@@ -185,6 +185,25 @@ def test_resumed_request_continues_from_published_tokens(backend: object) -> Non
     assert run.tokens[moved.request_id] == full[12:]
 
 
+def test_resumed_text_continues_what_the_client_received(tiny_model: str) -> None:
+    """Whatever token a response was moved at (also inside a multi-byte character), the
+    received text plus the resumed text is the text of the whole response."""
+    from transformers import AutoTokenizer
+
+    from worker.vllm_backend import ResumedText
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    token_ids = tokenizer.encode("naïve café → 東京 ✓ done", add_special_tokens=False)
+    whole = tokenizer.decode(token_ids, skip_special_tokens=True)
+    for cut in range(1, len(token_ids)):
+        # The old worker's incremental text held back an incomplete trailing character.
+        received = tokenizer.decode(token_ids[:cut], skip_special_tokens=True).rstrip("\ufffd")
+        resumed = ResumedText(tokenizer, token_ids[:cut], received)
+        rest = [resumed.extend([t], final=i == len(token_ids) - 1)
+                for i, t in enumerate(token_ids[cut:], start=cut)]
+        assert received + "".join(rest) == whole, cut
+
+
 def test_measured_profile_describes_the_engine(backend: object) -> None:
     from worker.vllm_profile import measure_profile
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import uvloop
 from prometheus_client import start_http_server
 
+from andes.tls import ChannelTls, TlsError
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
 from worker.service import BACKENDS, WorkerConfig, WorkerService, start_engine
@@ -43,6 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="scheduler gRPC address host:port")
     parser.add_argument("--redis", default=env("ANDES_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--redis-prefix", default=env("ANDES_REDIS_PREFIX", DEFAULT_PREFIX))
+    tls = parser.add_argument_group("TLS to the scheduler (default: plaintext)")
+    tls.add_argument("--scheduler-tls-ca", default=env("ANDES_SCHEDULER_TLS_CA", ""),
+                     help="PEM CA that verifies the scheduler: dial it over TLS")
+    tls.add_argument("--scheduler-tls-cert", default=env("ANDES_SCHEDULER_CLIENT_CERT", ""),
+                     help="PEM certificate this worker presents to the scheduler (mutual TLS)")
+    tls.add_argument("--scheduler-tls-key", default=env("ANDES_SCHEDULER_CLIENT_KEY", ""),
+                     help="PEM private key of --scheduler-tls-cert")
+    tls.add_argument("--scheduler-tls-server-name",
+                     default=env("ANDES_SCHEDULER_TLS_SERVER_NAME", ""),
+                     help="the name the scheduler's certificate carries, if not the "
+                          "--scheduler host")
     parser.add_argument("--kv-blocks", type=int, default=_env_int("ANDES_KV_BLOCKS"),
                         help="override the profile's KV cache blocks")
     parser.add_argument("--max-batch", type=int, default=_env_int("ANDES_MAX_BATCH"),
@@ -119,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         kv_blocks=args.kv_blocks,
         max_batch=args.max_batch,
         host_kv_blocks=args.host_kv_blocks,
+        scheduler_tls=ChannelTls(ca=args.scheduler_tls_ca, cert=args.scheduler_tls_cert,
+                                 key=args.scheduler_tls_key,
+                                 server_name=args.scheduler_tls_server_name),
         vllm=VllmConfig(
             model=args.model,
             dtype=args.dtype,
@@ -131,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             measure_profile=not args.no_measure_profile,
         ) if args.model else None,
     )
+    try:
+        config.scheduler_tls.load()  # checked before the engine's slow start
+    except TlsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         engine, engine_thread = start_engine(config)
     except (ValueError, RuntimeError) as err:  # bad profile, backend, model or vLLM version

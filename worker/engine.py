@@ -37,6 +37,9 @@ class RequestSpec:
     generated_token_ids: tuple[int, ...] = ()
     """For ``needs_payload`` engines: the ``resume_from_tokens`` tokens already published,
     which a real engine recomputes after the prompt."""
+    generated_text: str = ""
+    """For ``needs_payload`` engines: the text of those tokens as the client received it,
+    which the rest of the response's text continues."""
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,8 @@ class WorkerLoop:
                 if msg.plan.plan_version > newest:
                     self._plan = plan_from_proto(msg.plan)
             elif kind == "abort_requests":
-                await self._abort(tuple(msg.abort_requests.request_ids))
+                aborted = msg.abort_requests
+                await self._abort(tuple(aborted.request_ids), moved=aborted.moved)
         return bool(messages)
 
     async def _assign(self, assignment: scheduler_pb2.Assignment) -> None:
@@ -274,16 +275,20 @@ class WorkerLoop:
                 return
             spec = replace(spec, payload={_bytes(k): _bytes(v) for k, v in payload.items()})
             if spec.resume_from_tokens:
-                spec = replace(spec, generated_token_ids=await self._published_tokens(spec))
+                token_ids, text = await self._published(spec)
+                spec = replace(spec, generated_token_ids=token_ids, generated_text=text)
         finished = await self._call(partial(self.engine.add, spec))
         for done in finished:
             self._finish(done)
         if not finished and self._executor is not None:
             self._assigned[spec.request_id] = spec
 
-    async def _published_tokens(self, spec: RequestSpec) -> tuple[int, ...]:
-        """The first ``resume_from_tokens`` tokens of the response, read back from Redis."""
+    async def _published(self, spec: RequestSpec) -> tuple[tuple[int, ...], str]:
+        """The first ``resume_from_tokens`` tokens of the response and their text, read back
+        from Redis (the resume point is the end of an entry: workers report only what they
+        have published)."""
         tokens: list[int] = []
+        texts: list[str] = []
         try:
             entries = await self._redis.xrange(spec.token_stream_key)
         except (RedisError, OSError) as err:
@@ -291,13 +296,23 @@ class WorkerLoop:
             entries = []
         for _, fields in entries or ():
             chunk = decode_chunk({_bytes(k): _bytes(v) for k, v in (fields or {}).items()})
-            if chunk.index == len(tokens):
-                tokens.extend(chunk.token_ids)
-        return tuple(tokens[: spec.resume_from_tokens])
+            wanted = spec.resume_from_tokens - len(tokens)
+            if chunk.index == len(tokens) and wanted > 0:
+                tokens.extend(chunk.token_ids[:wanted])
+                if len(chunk.token_ids) <= wanted:
+                    texts.append(chunk.text)
+        return tuple(tokens), "".join(texts)
 
-    async def _abort(self, request_ids: tuple[str, ...]) -> None:
+    async def _abort(self, request_ids: tuple[str, ...], *, moved: bool = False) -> None:
+        """Free the requests' KV. A cancelled request's stream gets its final entry; a moved
+        one's stream is the new worker's now, so it gets nothing more from this worker (not
+        even tokens made before the abort: the new worker makes them again, identically for
+        greedy decoding, and readers take each index once)."""
         for done in await self._call(partial(self.engine.cancel, request_ids)):
-            self._finish(done)
+            if moved:
+                self.publisher.forget(done.request_id)
+            else:
+                self._finish(done)
 
     def _finish(self, done: Finished) -> None:
         self.publisher.finish(done.request_id, done.reason)

@@ -65,6 +65,10 @@ class TokenPublisher:
         """End the response: its last entry (with any waiting tokens) carries ``reason``."""
         self._streams[request_id].finish_reason = reason
 
+    def forget(self, request_id: str) -> None:
+        """Drop a request and its waiting tokens: its stream is no longer this worker's."""
+        self._streams.pop(request_id, None)
+
     def published(self, request_id: str) -> int:
         stream = self._streams.get(request_id)
         return stream.published if stream else 0

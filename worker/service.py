@@ -10,11 +10,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from redis.asyncio import Redis
 
 from andes.latency import load_profile
+from andes.tls import ChannelTls
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
 from worker.loop import WorkerLoop
@@ -45,6 +46,8 @@ class WorkerConfig:
     vllm: VllmConfig | None = None
     """The engine's settings for the ``vllm`` backend (``kv_blocks`` and ``max_batch`` above
     override its ``num_gpu_blocks`` and ``max_num_seqs``)."""
+    scheduler_tls: ChannelTls = field(default_factory=ChannelTls)
+    """TLS of the session with the scheduler (empty: plaintext)."""
 
 
 def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | None]:
@@ -93,6 +96,8 @@ class WorkerService:
         on_registered: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        # Before the engine starts (which can take minutes): bad TLS files fail at once.
+        scheduler_credentials = config.scheduler_tls.load()
         if engine is None:
             engine, engine_thread = start_engine(config)
         self.engine = engine
@@ -113,6 +118,7 @@ class WorkerService:
             sync_report=self.loop.status_report,
             heartbeat_s=config.heartbeat_s,
             on_registered=self._registered,
+            credentials=scheduler_credentials,
         )
         self.loop.attach(self.session)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from andes.tls import ChannelCredentials, aio_channel
 from andes.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
 
 
 class SchedulerSession:
-    """A self-healing bidirectional session with the scheduler."""
+    """A self-healing bidirectional session with the scheduler (over TLS when given
+    ``credentials``)."""
 
     def __init__(
         self,
@@ -62,8 +64,10 @@ class SchedulerSession:
         backoff_max_s: float = 2.0,
         resend_window_s: float = 5.0,
         on_registered: Callable[[], None] | None = None,
+        credentials: ChannelCredentials | None = None,
     ) -> None:
         self._target = target
+        self._credentials = credentials
         self._registration = registration
         self._sync_report = sync_report
         self._heartbeat_s = heartbeat_s
@@ -99,7 +103,7 @@ class SchedulerSession:
     async def run(self) -> None:
         """Keep a session open until cancelled."""
         backoff = self._backoff_initial_s
-        async with grpc.aio.insecure_channel(self._target) as channel:
+        async with aio_channel(self._target, self._credentials) as channel:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)  # type: ignore[no-untyped-call]
             while True:
                 if await self._session(stub):

@@ -125,6 +125,8 @@ class VllmBackend:
         """The inverse of ``_internal``."""
         self._emitted: dict[str, int] = {}
         """Wire request id -> index of its next token in the response."""
+        self._resumed: dict[str, ResumedText] = {}
+        """Requests moved here from another worker: their text is decoded here."""
         self._stalled = False
         """Runnable requests exist but the last step computed nothing: wait for a change."""
         from worker.vllm_profile import default_profile, measure_profile
@@ -180,6 +182,10 @@ class VllmBackend:
         self._internal[spec.request_id] = internal
         self._external[internal] = spec.request_id
         self._emitted[spec.request_id] = done
+        if done:
+            self._resumed[spec.request_id] = ResumedText(
+                self._engine.get_tokenizer(), spec.generated_token_ids, spec.generated_text
+            )
         self._stalled = False
         return []
 
@@ -226,9 +232,10 @@ class VllmBackend:
             if completion.token_ids:
                 index = self._emitted[rid]
                 self._emitted[rid] = index + len(completion.token_ids)
-                outcome.tokens.append(
-                    TokenRun(rid, index, tuple(completion.token_ids), completion.text)
-                )
+                resumed = self._resumed.get(rid)
+                text = completion.text if resumed is None else resumed.extend(
+                    completion.token_ids, final=output.finished)
+                outcome.tokens.append(TokenRun(rid, index, tuple(completion.token_ids), text))
             if output.finished:
                 reason = FINISH_REASONS.get(
                     completion.finish_reason or "", generation_pb2.FINISH_REASON_ERROR
@@ -238,6 +245,7 @@ class VllmBackend:
 
     def _forget(self, request_id: str) -> int:
         del self._external[self._internal.pop(request_id)]
+        self._resumed.pop(request_id, None)
         return self._emitted.pop(request_id)
 
     def cancel(self, request_ids: tuple[str, ...]) -> list[Finished]:
@@ -273,6 +281,35 @@ class VllmBackend:
         add(sched.held.values(), State.WAITING)
         add(sched.parked.values(), State.PREEMPTED)
         return result
+
+
+class ResumedText:
+    """The text of a request resumed from another worker's published tokens.
+
+    vLLM decodes a request's output incrementally with the prompt as context; a resumed
+    request's prompt is the original prompt plus the tokens already generated, which its
+    detokenizer may fold into the first output's text (it does when the published tokens end
+    inside a multi-byte character). So resumed requests are decoded here: the whole response
+    so far, of which the new part is what the client has not received. A trailing U+FFFD (an
+    incomplete character) is held back until the next token completes it or the response ends.
+    Decoding the whole response per step costs O(length), paid only by moved requests.
+    """
+
+    def __init__(self, tokenizer: Any, token_ids: Iterable[int], text: str) -> None:
+        self._tokenizer = tokenizer
+        self._token_ids = list(token_ids)
+        self._text = text
+        """What the client has received."""
+
+    def extend(self, token_ids: Iterable[int], *, final: bool) -> str:
+        """The text the new tokens add to the response."""
+        self._token_ids.extend(token_ids)
+        decoded: str = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
+        if decoded.endswith("\ufffd") and not final:
+            return ""
+        new = decoded[len(self._text):]
+        self._text = decoded
+        return new
 
 
 def sampling_params(payload: Mapping[bytes, bytes], max_tokens: int) -> Any:

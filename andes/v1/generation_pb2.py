@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61ndes/v1/generation.proto\x12\x08\x61ndes.v1\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.andes.v1.SamplingParams\x12\x1e\n\x03qoe\x18\x06 \x01(\x0b\x32\x11.andes.v1.QoESpec\x12\x19\n\x11resume_from_index\x18\x07 \x01(\x04\"\xa5\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"&\n\x07QoESpec\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0b\n\x03tds\x18\x02 \x01(\x01\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.andes.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.andes.v1.Usage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x95\x01\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.andes.v1.GenerateRequest\x1a\x1a.andes.v1.GenerateResponse0\x01\x12;\n\x06\x43\x61ncel\x12\x17.andes.v1.CancelRequest\x1a\x18.andes.v1.CancelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61ndes/v1/generation.proto\x12\x08\x61ndes.v1\"\xdc\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.andes.v1.SamplingParams\x12\x1e\n\x03qoe\x18\x06 \x01(\x0b\x32\x11.andes.v1.QoESpec\x12\x19\n\x11resume_from_index\x18\x07 \x01(\x04\x12\x10\n\x08reattach\x18\x08 \x01(\x08\"\xa5\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"&\n\x07QoESpec\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0b\n\x03tds\x18\x02 \x01(\x01\"\xa5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.andes.v1.FinishReason\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.andes.v1.Usage\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x95\x01\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.andes.v1.GenerateRequest\x1a\x1a.andes.v1.GenerateResponse0\x01\x12;\n\x06\x43\x61ncel\x12\x17.andes.v1.CancelRequest\x1a\x18.andes.v1.CancelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'andes.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=750
-  _globals['_FINISHREASON']._serialized_end=899
+  _globals['_FINISHREASON']._serialized_start=768
+  _globals['_FINISHREASON']._serialized_end=917
   _globals['_GENERATEREQUEST']._serialized_start=40
-  _globals['_GENERATEREQUEST']._serialized_end=242
-  _globals['_SAMPLINGPARAMS']._serialized_start=245
-  _globals['_SAMPLINGPARAMS']._serialized_end=410
-  _globals['_QOESPEC']._serialized_start=412
-  _globals['_QOESPEC']._serialized_end=450
-  _globals['_GENERATERESPONSE']._serialized_start=453
-  _globals['_GENERATERESPONSE']._serialized_end=618
-  _globals['_USAGE']._serialized_start=620
-  _globals['_USAGE']._serialized_end=677
-  _globals['_CANCELREQUEST']._serialized_start=679
-  _globals['_CANCELREQUEST']._serialized_end=714
-  _globals['_CANCELRESPONSE']._serialized_start=716
-  _globals['_CANCELRESPONSE']._serialized_end=747
-  _globals['_GENERATIONSERVICE']._serialized_start=902
-  _globals['_GENERATIONSERVICE']._serialized_end=1051
+  _globals['_GENERATEREQUEST']._serialized_end=260
+  _globals['_SAMPLINGPARAMS']._serialized_start=263
+  _globals['_SAMPLINGPARAMS']._serialized_end=428
+  _globals['_QOESPEC']._serialized_start=430
+  _globals['_QOESPEC']._serialized_end=468
+  _globals['_GENERATERESPONSE']._serialized_start=471
+  _globals['_GENERATERESPONSE']._serialized_end=636
+  _globals['_USAGE']._serialized_start=638
+  _globals['_USAGE']._serialized_end=695
+  _globals['_CANCELREQUEST']._serialized_start=697
+  _globals['_CANCELREQUEST']._serialized_end=732
+  _globals['_CANCELRESPONSE']._serialized_start=734
+  _globals['_CANCELRESPONSE']._serialized_end=765
+  _globals['_GENERATIONSERVICE']._serialized_start=920
+  _globals['_GENERATIONSERVICE']._serialized_end=1069
 # @@protoc_insertion_point(module_scope)

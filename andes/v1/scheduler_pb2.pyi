@@ -269,7 +269,9 @@ class Plan(_message.Message):
     def __init__(self, plan_version: _Optional[int] = ..., preempt: _Optional[_Iterable[str]] = ..., pause: _Optional[_Iterable[str]] = ..., resume: _Optional[_Iterable[str]] = ..., admit: _Optional[_Iterable[str]] = ..., preemption_mode: _Optional[_Union[PreemptionMode, str]] = ...) -> None: ...
 
 class AbortRequests(_message.Message):
-    __slots__ = ("request_ids",)
+    __slots__ = ("request_ids", "moved")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    moved: bool
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., moved: _Optional[bool] = ...) -> None: ...
