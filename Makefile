@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 VLLM_STAMP := $(VENV)/.installed-vllm
 
-.PHONY: install vllm redis test lint bench bench-vllm demo sweep clean protos chaos soak
+.PHONY: install vllm redis test lint bench bench-vllm demo sweep clean protos chaos soak fuzz
 
 # The services and their tests need a Redis: ANDES_REDIS_URL, or a redis-server binary to start
 # a private one. On a bare machine, install the binary with apt.
@@ -74,6 +74,10 @@ chaos: $(VLLM_STAMP) redis
 	ANDES_CHAOS_LONG=1 $(PY) -m pytest -q tests/chaos
 soak: $(STAMP) redis
 	$(PY) benchmarks/soak.py
+# 10,000 generated inputs per public API (gRPC and HTTP); counts in benchmarks/results/fuzz.json.
+fuzz: $(STAMP) redis
+	ANDES_FUZZ_EXAMPLES=10000 ANDES_FUZZ_REPORT=benchmarks/results/fuzz.json \
+		$(PY) -m pytest -q -s tests/test_fuzz.py
 
 demo: $(STAMP) redis
 	$(PY) -m andes demo

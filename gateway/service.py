@@ -387,8 +387,10 @@ class GenerationService:
         try:
             stored = await self.payloads.lookup(valid.request_id)
         except RedisError as err:
-            raise GenerationError(grpc.StatusCode.UNAVAILABLE,
-                                  f"Redis unavailable: {err}") from err
+            raise GenerationError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"Redis unavailable: {err}; reattaching to {valid.request_id!r} may be retried",
+            ) from err
         except ValueError as err:
             raise GenerationError(grpc.StatusCode.INTERNAL, str(err)) from err
         if stored is None:
@@ -563,8 +565,12 @@ class Generation:
                 self._finished(finish, locally=isinstance(stop, StreamInterrupted))
                 return
             if isinstance(stop, StreamError):
-                raise GenerationError(grpc.StatusCode.UNAVAILABLE,
-                                      f"reading the token stream failed: {stop}")
+                raise GenerationError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"reading the token stream of {self.request_id!r} failed: {stop}; the "
+                    f"request goes on: reattach with request_id={self.request_id!r} and "
+                    f"resume_from_index={position}",
+                )
 
     async def _read(self) -> tuple[list[TokenChunk], StreamInterrupted | StreamError | None]:
         """Everything available now (waiting for at least one chunk), and how reading ended
