@@ -54,6 +54,35 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 2),
 ]
 
+PENDING_CALLS_MIN = 4096
+"""The least room grpc-core's queue of calls not yet accepted by grpc.aio gets (see
+:func:`pending_call_options`)."""
+
+
+def pending_call_options(max_streams: int) -> list[tuple[str, int]]:
+    """Room in grpc-core's queue of calls that arrived but that grpc.aio has not accepted yet.
+
+    grpc.aio accepts calls one at a time from the event loop (one ``request_call`` in flight),
+    so a burst of new streams queues in grpc-core until the loop gets to them. grpc-core guards
+    that queue with random early drop: past ``grpc.server.max_pending_requests`` (default
+    1,000) it kills a new call with probability rising to 1 at
+    ``grpc.server.max_pending_requests_hard_limit`` (default 3,000). A killed call never reaches
+    the application: the client gets a bare CANCELLED and the gateway cannot log, count or
+    answer it. That is what ended 7-66% of 2,000 streams opened at once.
+
+    Both limits are set to one value, at least twice ``--max-streams``: a burst up to the
+    gateway's own stream limit (and as many again beyond it) waits in the queue for the loop,
+    and every call the gateway cannot serve reaches admission, which refuses it with
+    RESOURCE_EXHAUSTED and a message. Only past that (a client opening more than twice the
+    gateway's capacity in one go) does grpc-core's overload protection drop calls. Soft equal
+    to hard: no random drops below the limit."""
+    limit = max(PENDING_CALLS_MIN, 2 * max_streams)
+    return [
+        ("grpc.server.max_pending_requests", limit),
+        ("grpc.server.max_pending_requests_hard_limit", limit),
+    ]
+
+
 REDIS_STARTUP_S = 10.0
 
 REDIS_CONNECTIONS = 256
@@ -154,7 +183,10 @@ class Gateway:
             key_limits=config.key_limits,
             stalled_client_timeout_s=config.stalled_client_timeout_s,
         )
-        server = grpc.aio.server(options=[*SERVER_OPTIONS, *server_options(config.limits)])
+        server = grpc.aio.server(options=[
+            *SERVER_OPTIONS, *server_options(config.limits),
+            *pending_call_options(config.max_streams),
+        ])
         GrpcApi(self._service).add_to_server(server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -27,6 +27,10 @@ __all__ = ["CHANNELS", "DriveResult", "StreamRecord", "drive", "synthetic_prompt
 
 CHANNELS = 8
 """Channels to spread streams over: one HTTP/2 connection caps its concurrent streams."""
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+"""Each channel its own connection: grpc-core otherwise shares one subchannel (one TCP
+connection) between all channels with the same target and arguments, so ``--channels 16``
+would still be a single connection."""
 
 
 async def _stream(
@@ -59,7 +63,10 @@ async def drive(
 ) -> DriveResult:
     """Send ``workload`` to the gateway at ``target`` (``host:port``) and wait for every
     stream to end, or for the drain after ``stop``."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(channel_count)]
+    channels = [
+        grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        for _ in range(channel_count)
+    ]
     stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 

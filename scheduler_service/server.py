@@ -27,6 +27,17 @@ SESSION_METADATA_KEY = "andes-session"
 """Initial-metadata key acknowledging a worker's registration (the worker waits for it)."""
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 
+PENDING_CALLS = 16384
+"""Room in grpc-core's queue of calls grpc.aio has not accepted yet. grpc.aio accepts one call
+at a time from the event loop; past grpc-core's defaults (random drops from 1,000 waiting calls,
+all from 3,000) a burst of Submits from gateways (each holds up to ``--max-streams`` 4,096
+streams) would lose calls as a bare CANCELLED that the scheduler never sees. The same guard as
+the gateway's (:func:`gateway.server.pending_call_options`)."""
+SERVER_OPTIONS = [
+    ("grpc.server.max_pending_requests", PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
+]
+
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, scheduler: Scheduler) -> None:
@@ -113,7 +124,7 @@ class SchedulerServer:
         self.scheduler = scheduler
         self.listen = listen
         self.credentials = credentials
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health_aio.HealthServicer()
         self.port = 0
 
