@@ -7,11 +7,20 @@ is back; nothing is dropped. The entry that ends a response carries its finish r
 stream key gets an expiry. The publisher also knows, per request, how many tokens are safely
 in Redis: that is what the worker reports as generated, so a request moved to another worker
 resumes exactly where its stream ends.
+
+Publish interval: a running request makes a token every iteration (milliseconds on a small
+model), far faster than anyone reads. With ``interval_s`` > 0 a request's tokens wait until
+the oldest of them is that old, so each stream entry carries several tokens and the whole
+delivery path (Redis, the gateway's reads, gRPC messages, the client) handles a fraction of
+the entries. A response's first tokens (time to first token) and its final entry never wait,
+and a flush with ``force`` (the engine went idle) writes everything.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,18 +41,33 @@ class _Stream:
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: int = 0
+    first_entry: bool = True
+    """Nothing published by this worker yet: the next tokens are the client's first (or
+    first since a move), which go out at once."""
+    waiting_since: float = 0.0
+    """When the oldest waiting token arrived."""
 
     @property
     def dirty(self) -> bool:
         return bool(self.token_ids) or bool(self.finish_reason)
 
+    def due(self, now: float, interval_s: float) -> bool:
+        if self.finish_reason or (self.token_ids and self.first_entry):
+            return True
+        return bool(self.token_ids) and now - self.waiting_since >= interval_s
+
 
 class TokenPublisher:
     """Buffers each iteration's tokens and writes them to Redis in one pipeline."""
 
-    def __init__(self, redis: Redis, *, maxlen: int = STREAM_MAXLEN) -> None:
+    def __init__(self, redis: Redis, *, maxlen: int = STREAM_MAXLEN, interval_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if interval_s < 0:
+            raise ValueError(f"publish interval must be >= 0, got {interval_s}")
         self._redis = redis
         self._maxlen = maxlen
+        self._interval_s = interval_s
+        self._clock = clock
         self._streams: dict[str, _Stream] = {}
         self._healthy = True
 
@@ -58,6 +82,8 @@ class TokenPublisher:
             raise ValueError(
                 f"request {run.request_id}: token index {run.index}, expected {expected}"
             )
+        if not stream.token_ids:
+            stream.waiting_since = self._clock()
         stream.token_ids.extend(run.token_ids)
         stream.text.append(run.text)
 
@@ -81,12 +107,18 @@ class TokenPublisher:
     def has_pending(self) -> bool:
         return any(s.dirty for s in self._streams.values())
 
-    async def flush(self) -> list[str] | None:
-        """Write everything waiting; the requests whose final entry went out, or None on error.
+    async def flush(self, *, force: bool = False) -> list[str] | None:
+        """Write what is due (everything waiting, with ``force`` or no publish interval); the
+        requests whose final entry went out, or None on error.
 
         On a Redis error nothing is lost: the tokens stay here and the next flush retries.
         """
-        dirty = [(rid, s) for rid, s in self._streams.items() if s.dirty]
+        if force or not self._interval_s:
+            dirty = [(rid, s) for rid, s in self._streams.items() if s.dirty]
+        else:
+            now = self._clock()
+            dirty = [(rid, s) for rid, s in self._streams.items()
+                     if s.due(now, self._interval_s)]
         if not dirty:
             return []
         pipe = self._redis.pipeline(transaction=False)
@@ -111,6 +143,7 @@ class TokenPublisher:
         self._healthy = True
         done: list[str] = []
         for rid, stream in dirty:
+            stream.first_entry = stream.first_entry and not stream.token_ids
             stream.published += len(stream.token_ids)
             stream.token_ids.clear()
             stream.text.clear()
