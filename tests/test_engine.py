@@ -58,10 +58,9 @@ def assert_invariants(engine: SimEngine) -> None:
 
 
 def expected_forced_victims(engine: SimEngine) -> list[int]:
-    """Reference: after queued requests start, evict the newest running request until the
-    decoding ones can grow into free KV."""
+    """Reference: before any queued request starts (vLLM V1 schedules running requests
+    first), evict the newest running request until the decoding ones can grow into free KV."""
     probe = copy.deepcopy(engine)
-    probe._start_queued()
     c = internals(probe)
     running = list(np.flatnonzero(c["state"] == State.RUNNING))
     decoding = {int(r) for r in running if c["prefill_left"][r] == 0}
@@ -312,13 +311,78 @@ def test_token_indices_continue_after_recompute_and_qoe_matches_the_stream() -> 
     assert h.engine.snapshot(h.now).requests.state.tolist() == [State.PREEMPTED]
     h.now += 3.0  # the user waits
     h.engine.apply(Plan(resume=(0,)))
-    recompute = h.step()  # re-prefills prompt + 5 generated tokens, samples token 5
-    assert recompute.prefill_tokens == 55
+    # Nothing reused its freed blocks: the prefix cache still holds the 3 full blocks of its
+    # 55 tokens, so only the other 7 are prefilled again; token 5 follows.
+    recompute = h.step()
+    assert recompute.prefill_tokens == 55 - 3 * BLOCK
     assert recompute.token_indices.tolist() == [5]
     while len(h.engine):
         h.step()
     assert list(h.finished) == [0]
     assert h.finished[0].preemptions == 1
+
+
+def preempted_with_cache(free_after: int) -> Harness:
+    """Request 0 (55 tokens in 4 blocks) preempted with ``free_after`` blocks free ahead of
+    its own in the free queue; request 1 (prompt 100, 7 blocks) waits to be admitted."""
+    h = started_engine(4 + free_after, prompts=(50,))
+    for _ in range(5):
+        h.step()
+    h.add(1, prompt_tokens=100, output_tokens=100, ttft_s=1.0, tds=4.0)
+    h.engine.apply(Plan(preempt=(0,)))
+    return h
+
+
+@pytest.mark.parametrize(
+    ("free_ahead", "reused_blocks"),
+    [
+        (7, 3),  # request 1's 7 blocks come from the 7 ahead: all 3 full blocks survive
+        (5, 2),  # 2 of its 4 blocks taken, tail first: the partial one and block 3
+        (4, 1),  # 3 taken: only block 1 survives
+        (3, 0),  # all 4 taken: a full recompute
+    ],
+)
+def test_recompute_reuses_the_blocks_the_prefix_cache_still_holds(
+    free_ahead: int, reused_blocks: int
+) -> None:
+    h = preempted_with_cache(free_ahead)
+    h.engine.apply(Plan(admit=(1,)))
+    h.step()  # request 1 takes 7 blocks from the front of the free queue
+    h.cancel((1,))  # its blocks go to the back: they do not protect request 0's
+    h.engine.apply(Plan(resume=(0,)))
+    assert h.step().prefill_tokens == 55 - reused_blocks * BLOCK
+
+
+def test_prefix_cache_hits_shift_the_queue_for_blocks_behind() -> None:
+    # Requests 0 and 1 are preempted in that order with nothing free: 0's 4 blocks are at the
+    # front of the free queue, 1's 4 behind them. 0 takes its own back (a cache hit, not an
+    # allocation), then a new request allocates 4 blocks: they are 1's, not 0's.
+    h = started_engine(8, prompts=(50, 50))
+    for _ in range(5):
+        h.step()
+    h.engine.apply(Plan(preempt=(0, 1)))
+    h.engine.apply(Plan(resume=(0,)))
+    assert h.step().prefill_tokens == 55 - 3 * BLOCK
+    h.add(2, prompt_tokens=50, output_tokens=100, ttft_s=1.0, tds=4.0)
+    h.engine.apply(Plan(admit=(2,)))
+    h.step()
+    h.cancel((0, 2))
+    h.engine.apply(Plan(resume=(1,)))
+    assert h.step().prefill_tokens == 55
+
+
+def test_no_admission_in_an_iteration_that_preempts() -> None:
+    # vLLM V1 starts waiting requests only when the running ones did not need a preemption.
+    h = started_engine(5)  # 0 and 1 decode in 4 blocks; each needs a 3rd after token 0
+    h.step()
+    h.add(2, prompt_tokens=1, output_tokens=100, ttft_s=1.0, tds=4.0)
+    h.engine.apply(Plan(admit=(2,)))
+    result = h.step()  # 0 grows into the free block, 1 is preempted: 2 stays queued
+    assert result.forced_preemptions.tolist() == [1]
+    assert result.token_request_ids.tolist() == [0]
+    assert h.engine.snapshot(h.now).requests.state.tolist() == [
+        State.RUNNING, State.PREEMPTED, State.QUEUED
+    ]
 
 
 def test_swap_preemption_moves_kv_to_host_and_back_without_prefill() -> None:

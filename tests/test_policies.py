@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -350,7 +352,8 @@ def test_lqf_ranks_by_qoe_gain_ignoring_kv_size() -> None:
     assert gains[0] > gains[1] > gains[2] and gains[1] + gains[2] > gains[0]
     lqf = make_policy("lqf").plan(snapshot)
     assert lqf.solver_ran and lqf.admit == (1,)
-    andes = make_policy("andes").plan(snapshot)
+    # Both fit; pacing (tested on its own below) would start one prefill per plan.
+    andes = AndesPolicy(pace_prefill=False).plan(snapshot)
     assert andes.solver_ran and andes.admit == (2, 3)
 
 
@@ -363,9 +366,13 @@ def test_lqf_admits_in_order_of_gain() -> None:
         for i, late in enumerate(lateness)
     ]
     snapshot = make_snapshot(rows, total=23)  # 7 blocks each: three fit
-    plan = make_policy("lqf").plan(snapshot)
+    lqf = make_policy("lqf")
+    assert isinstance(lqf, AndesPolicy)
+    # Without pacing all three start now; with it, the first in that order.
+    plan = dataclasses.replace(lqf, pace_prefill=False).plan(snapshot)
     assert plan.solver_ran
     assert plan.admit == (1, 3, 0)
+    assert lqf.plan(snapshot).admit == (1,)
     assert make_policy("fcfs").plan(snapshot).admit == (2, 4, 0, 3, 1)
 
 
@@ -513,6 +520,83 @@ def test_andes_pauses_instead_of_preempting_under_latency_pressure() -> None:
     assert plan.solver_ran
     assert plan.preempt == ()
     assert plan.pause == (0, 1, 2, 3)
+
+
+# -- prefill pacing ------------------------------------------------------------------------
+
+
+def prefill_slack(snapshot: Snapshot, decoding: np.ndarray) -> float:
+    """Prefill tokens the next iteration hides under the memory time of ``decoding``."""
+    context = snapshot.requests.context_tokens[decoding].astype(np.float64)
+    memory = PROFILE.weights_read_s + PROFILE.kv_read_s_per_token * float(context.sum())
+    compute = PROFILE.compute_s_per_token * float(context.size)
+    return (memory - compute) / PROFILE.prefill_per_token_s
+
+
+def paced_rows(waiting: int = 8) -> list[dict[str, float]]:
+    # 60 readers with a minute of text buffered, decoding 400-token contexts, and late
+    # arrivals with prompts of 50..120 tokens.
+    rows: list[dict[str, float]] = [
+        {"id": i, "state": State.RUNNING, "prompt": 100, "gen": 300, "arrival": NOW - 20.0,
+         "dmax": -40.0, "seq": i, "served": 300, "pre": 1}
+        for i in range(60)
+    ]
+    rows += [
+        {"id": 100 + j, "state": State.WAITING, "prompt": 50 + 10 * j, "arrival": NOW - 2.0}
+        for j in range(waiting)
+    ]
+    return rows
+
+
+def test_andes_paces_starts_to_the_next_iterations_compute_slack() -> None:
+    snapshot = make_snapshot(paced_rows(), free_extra=120)
+    policy = AndesPolicy()
+    assert memory_bound(snapshot, policy)
+    table = snapshot.requests
+    running = table.state == State.RUNNING
+    slack = prefill_slack(snapshot, running)
+    unpaced = AndesPolicy(pace_prefill=False).plan(snapshot)
+    paced = policy.plan(snapshot)
+    assert paced.solver_ran
+    # The same requests in the same order, cut where their prompts outgrow the slack.
+    assert len(unpaced.admit) > len(paced.admit) >= 1
+    assert paced.admit == unpaced.admit[: len(paced.admit)]
+    prompts = {int(i): int(p) for i, p in zip(table.request_id, table.prompt_tokens,
+                                               strict=True)}
+    started = sum(prompts[i] for i in paced.admit)
+    assert started <= slack < started + prompts[unpaced.admit[len(paced.admit)]]
+    assert paced.notes == {"deferred": float(len(unpaced.admit) - len(paced.admit))}
+    assert unpaced.notes == {}
+
+
+def test_andes_pacing_always_starts_one_and_counts_queued_prefill() -> None:
+    rows = paced_rows(waiting=1)
+    rows[60]["prompt"] = 1500  # far beyond the slack, but nothing else is starting
+    snapshot = make_snapshot(rows, free_extra=200)
+    assert prefill_slack(snapshot, snapshot.requests.state == State.RUNNING) < 1500
+    assert AndesPolicy().plan(snapshot).admit == (100,)
+    # A queued prefill already takes the slack: nothing new starts (the queued one stays).
+    rows = paced_rows(waiting=2)
+    rows[60]["state"] = State.QUEUED
+    rows[60]["prompt"] = 400
+    plan = AndesPolicy().plan(make_snapshot(rows, free_extra=200))
+    assert plan.admit == () and 100 not in plan.preempt
+
+
+def test_andes_pacing_counts_recompute_resumes() -> None:
+    rows = paced_rows(waiting=0)
+    rows += [
+        {"id": 200 + j, "state": State.PREEMPTED, "prompt": 100, "gen": 20, "pre": 1,
+         "arrival": NOW - 10.0, "dmax": 5.0, "dsum": 20 * 4.0, "seq": 70 + j}
+        for j in range(4)
+    ]
+    snapshot = make_snapshot(rows, free_extra=150)
+    unpaced = AndesPolicy(pace_prefill=False).plan(snapshot)
+    paced = AndesPolicy().plan(snapshot)
+    assert len(unpaced.resume) > 1
+    slack = prefill_slack(snapshot, snapshot.requests.state == State.RUNNING)
+    assert len(paced.resume) == max(1, int(slack // 120))
+    assert paced.resume == unpaced.resume[: len(paced.resume)]
 
 
 def test_andes_plan_carries_the_preemption_mode() -> None:

@@ -11,6 +11,7 @@ import andes.sim.simulator as simulator
 from andes.latency import load_profile
 from andes.metrics import RequestOutcomes, capacity_at, summarize
 from andes.policies import POLICY_NAMES, make_policy
+from andes.policies.base import Plan, Snapshot
 from andes.sim.engine import SimEngine
 from andes.sim.simulator import SimConfig, SimResult, simulate
 from andes.workload import Workload, make_workload
@@ -151,6 +152,39 @@ def test_max_tokens_cap_is_what_the_planner_sees_not_what_is_generated() -> None
     config = SimConfig(profile=PROFILE, max_tokens=64)
     result = simulate(workload, make_policy("andes"), config)
     assert_everything_finished_once(result, workload, config)
+
+
+class HoldingBack:
+    """FCFS that admits one request per plan and says when it held others back."""
+
+    name = "holding-back"
+
+    def __init__(self, say_so: bool) -> None:
+        self.say_so = say_so
+        self.plan_times: list[float] = []
+
+    def plan(self, snapshot: Snapshot) -> Plan:
+        self.plan_times.append(snapshot.now_s)
+        plan = make_policy("fcfs").plan(snapshot)
+        held = len(plan.admit) - 1
+        notes = {"deferred": float(held)} if self.say_so and held > 0 else {}
+        return Plan(resume=plan.resume, admit=plan.admit[:1], notes=notes)
+
+
+def test_a_plan_that_holds_starts_back_is_followed_by_another() -> None:
+    # Ten requests at once: planned one at a time, they all start within ten plan intervals
+    # when the plan says it held some back, and wait for events (finishes) when it does not.
+    workload = make_workload("sharegpt", "uniform:1,4", "poisson", 1000.0, num_requests=10,
+                             seed=3)
+    eager, silent = HoldingBack(say_so=True), HoldingBack(say_so=False)
+    for policy in (eager, silent):
+        result = simulate(workload, policy, CONFIG)
+        assert_everything_finished_once(result, workload, CONFIG)
+    first = float(workload.arrival_s[0])
+    spacing = np.diff(eager.plan_times[:10])
+    assert np.all(spacing >= CONFIG.plan_interval_s - 1e-12)
+    assert eager.plan_times[9] - first < 10 * 0.1
+    assert silent.plan_times[9] - first > 1.0
 
 
 # -- summary figures ---------------------------------------------------------------------------

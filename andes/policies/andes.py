@@ -15,6 +15,10 @@ Each planning step (paper, section 4):
    ``max_preemptions`` times, and each admission is accepted only if its gain beats what its
    victims lose plus what the stall of their later recompute (or swap) costs every running
    request (the v2 overhead-aware refiner). The walk stops at the first rejection.
+5. *Prefill pacing* (ours, beyond the paper): the admissions and recompute resumes of one plan
+   start no more prefill than the next iteration hides under its memory-bound decode (at
+   least one request per plan). The rest wait for the next plan, a step later; the plan says
+   how many it held back (``notes["deferred"]``) so the caller plans again soon.
 """
 
 from __future__ import annotations
@@ -76,13 +80,11 @@ class AndesPolicy:
     """Run the solver only when demand for KV exceeds this fraction of capacity ..."""
     latency_trigger: bool = True
     """... or when the batch's token latency would miss the tightest TDS."""
-    max_preemptions: int = 0
-    """Preemptions per request after which it is never preempted again (v1's cap P).
-
-    0 by default: in every scenario we simulated with recompute preemption (the only kind
-    vLLM V1 has), preempting cost more capacity than it returned (docs/results.md,
-    "preemption ablation"); the planner still orders admissions by QoE gain per KV block and
-    pauses under latency pressure. Raise it to let the refiner below trade preemptions."""
+    max_preemptions: int = 1
+    """Preemptions per request after which it is never preempted again (v1's cap P; the
+    paper's default of 1). With prefill pacing (below) a recompute rides in iterations' spare
+    compute, so preempting a request far ahead of its reader to start a new one pays off
+    (docs/results.md, "preemption ablation"); 0 leaves running requests alone."""
     overhead_aware: bool = True
     """Accept a preemption only when its gain beats its stall cost (v2's refiner)."""
     preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
@@ -94,6 +96,11 @@ class AndesPolicy:
     max_candidates: int = 8
     memory_aware: bool = True
     """Rank by QoE gain per KV block (Andes); False ranks by gain alone (the LQF baseline)."""
+    pace_prefill: bool = True
+    """Under pressure, start no more prefill (new prompts, recomputes) per plan than the next
+    iteration hides under its memory-bound decode (at least one request): a bigger lump makes
+    the iteration compute-bound and stalls every running request, which under overload is
+    capacity lost for good. Requests held back stay waiting for the next plan."""
     name: str = field(default="andes")
 
     def plan(self, snapshot: Snapshot) -> Plan:
@@ -170,24 +177,26 @@ class AndesPolicy:
         if pause_instead:
             # Latency-bound, not memory-bound: keep KV, skip the unselected this step.
             pause = holds & ~selected & (state == State.RUNNING)
-            return _actions(snapshot, selected, pause=ids[pause], preempt=np.zeros(0, np.int64),
-                            priority=priority, mode=self.preemption_mode, solver_ran=True)
+            starts = np.flatnonzero(selected & ~holds)
+            starts = starts[np.argsort(-priority[starts], kind="stable")]
+            allowed = self._paced(snapshot, starts, selected & holds)
+            keep = selected.copy()
+            keep[starts[~allowed]] = False
+            return _actions(snapshot, keep, pause=ids[pause], preempt=np.zeros(0, np.int64),
+                            priority=priority, mode=self.preemption_mode, solver_ran=True,
+                            deferred=int(np.count_nonzero(~allowed)))
 
         admissions = np.flatnonzero(selected & ~holds)
         admissions = admissions[np.argsort(-priority[admissions], kind="stable")]
+        allowed = self._paced(snapshot, admissions, selected & holds)
+        deferred = int(np.count_nonzero(~allowed))
+        admissions = admissions[allowed]
         victims = np.flatnonzero(holds & ~selected & (table.preemptions < self.max_preemptions))
         victims = victims[np.argsort(priority[victims], kind="stable")]
 
-        stall_rate = 0.0
-        if victims.size and self.overhead_aware:
-            # A stall costs at least what the worker's time is worth under this plan: the
-            # QoE the selected batch gains per second (its opportunity cost), and at least
-            # the QoE everyone in the system loses while it lasts.
-            opportunity = float(gain[selected].sum()) / self.horizon_s
-            stall_rate = max(
-                opportunity, self._stall_loss_rate(snapshot, outlook, candidate, selected)
-            )
-        victim_loss = self._victim_loss(snapshot, outlook, candidate, victims)
+        # The refiner's prices, computed once and only when an admission needs a victim.
+        stall_rate: float | None = None
+        victim_loss: FloatArray | None = None
         accepted = np.zeros(len(table), dtype=bool)
         chosen_victims: list[int] = []
         next_victim = 0
@@ -202,6 +211,16 @@ class AndesPolicy:
             if free < need:
                 break
             if taken and self.overhead_aware:
+                if stall_rate is None or victim_loss is None:
+                    # A stall costs at least what the worker's time is worth under this
+                    # plan: the QoE the selected batch gains per second (its opportunity
+                    # cost), and at least the QoE everyone in the system loses meanwhile.
+                    opportunity = float(gain[selected].sum()) / self.horizon_s
+                    stall_rate = max(
+                        opportunity,
+                        self._stall_loss_rate(snapshot, outlook, candidate, selected),
+                    )
+                    victim_loss = self._victim_loss(snapshot, outlook, candidate, victims)
                 context = table.context_tokens[taken].astype(np.float64)
                 stall = float(np.sum(self._resume_cost(snapshot, context)))
                 loss = float(victim_loss[taken].sum()) + stall * stall_rate
@@ -213,7 +232,46 @@ class AndesPolicy:
         keep = (selected & holds) | accepted
         preempt = np.asarray(chosen_victims, dtype=np.int64)
         return _actions(snapshot, keep, pause=np.zeros(0, np.int64), preempt=ids[preempt],
-                        priority=priority, mode=self.preemption_mode, solver_ran=True)
+                        priority=priority, mode=self.preemption_mode, solver_ran=True,
+                        deferred=deferred)
+
+    def _paced(self, snapshot: Snapshot, starts: IntArray, decoding: np.ndarray) -> np.ndarray:
+        """Which of ``starts`` (rows in priority order) may start now under prefill pacing.
+
+        The next iteration reads the weights and the KV of the ``decoding`` requests (memory
+        time) and computes their tokens; prefill tokens up to the difference ride along for
+        free. Requests already queued in the engine keep their place and their prefill counts
+        first; new prefills (admissions, recompute resumes) follow in order while they fit the
+        rest of the slack, stopping at the first that does not. The first always goes when
+        nothing queued is waiting for a prefill, so the queue always moves.
+        """
+        allowed = np.ones(starts.size, dtype=bool)
+        if not self.pace_prefill or starts.size == 0:
+            return allowed
+        table = snapshot.requests
+        profile = snapshot.profile
+        context = table.context_tokens.astype(np.float64)
+        memory = profile.weights_read_s + profile.kv_read_s_per_token * float(
+            context[decoding].sum()
+        )
+        compute = profile.compute_s_per_token * float(np.count_nonzero(decoding))
+        slack = max(memory - compute, 0.0) / profile.prefill_per_token_s
+        state = table.state[starts]
+        queued = state == State.QUEUED
+        pending = float(context[starts[queued]].sum())
+        fresh = np.flatnonzero(~queued)
+        prefill = np.where(
+            in_states(state[fresh], (State.WAITING, State.PREEMPTED)),
+            context[starts[fresh]],
+            0.0,
+        )
+        total = pending + np.cumsum(prefill)
+        fits = total <= slack
+        if pending == 0.0:
+            fits |= total == prefill  # the first prefill always goes
+        if not fits.all():
+            allowed[fresh[int(np.argmin(fits)) :]] = False
+        return allowed
 
     def _victim_loss(
         self, snapshot: Snapshot, outlook: Outlook, candidate: int, victims: IntArray
@@ -290,8 +348,11 @@ def _actions(
     priority: FloatArray,
     mode: PreemptionMode,
     solver_ran: bool,
+    deferred: int = 0,
 ) -> Plan:
-    """Plan that runs ``keep`` (highest priority first) and stops everything else queued."""
+    """Plan that runs ``keep`` (highest priority first) and stops everything else queued.
+
+    ``deferred``: starts held back by pacing; the plan asks to be followed by another."""
     table = snapshot.requests
     state = table.state
     ids = table.request_id
@@ -308,6 +369,7 @@ def _actions(
         admit=tuple(int(i) for i in ids[keep_sorted[waiting]]),
         preemption_mode=mode,
         solver_ran=solver_ran,
+        notes={"deferred": float(deferred)} if deferred else {},
     )
 
 

@@ -3,14 +3,18 @@
 This is the engine the simulator steps and the ``sim`` worker backend runs in real time. It
 behaves like vLLM V1 where that matters to scheduling:
 
-* a plan moves requests between states (see :class:`~andes.policies.base.State`); the engine
-  gives a QUEUED request KV and a prefill in queue order and stops at the first one that does
-  not fit (head-of-line, as vLLM's waiting queue);
+* a plan moves requests between states (see :class:`~andes.policies.base.State`); each
+  iteration first grows the running requests' KV, then gives QUEUED requests KV and a prefill
+  in queue order, stopping at the first one that does not fit (head-of-line, as vLLM's waiting
+  queue), and starts none in an iteration that had to preempt (vLLM V1's ``schedule()``);
 * prefill is chunked under ``max_batched_tokens``; the step that finishes a prefill samples
   the request's next token;
 * when decoding requests outgrow free KV the engine preempts the most recently admitted
   running request by recompute, as vLLM does, and reports it as *forced*: it is parked as
   PREEMPTED, so the planner stays in charge of when it comes back;
+* a recompute resumes from vLLM's prefix cache where it can: freed blocks join the back of
+  the free queue (a request's last block first) and stay reusable until allocations from the
+  front reach them, so only the overwritten part of the context is prefilled again;
 * preemption by swap moves KV to a bounded host pool; both directions stall the step.
 
 Rows hold only unfinished requests; finished ones leave through :class:`StepResult`.
@@ -50,6 +54,9 @@ _INT_COLUMNS = (
     "served_since_admit",
     "prefill_left",
     "queue_key",
+    "cache_blocks",
+    "cache_full",
+    "cache_front",
 )
 _FRONT = 1 << 40
 _FLOAT_COLUMNS = ("arrival_s", "ttft_s", "tds", "digest_max", "delay_sum", "first_token_s")
@@ -109,6 +116,8 @@ class SimEngine:
         self.host_blocks_free = host_kv_blocks
         self._seq = 0
         self._pending_stall_s = 0.0
+        self._pops = 0
+        """Blocks taken from the front of the free queue so far (the prefix cache's clock)."""
         self._ints: dict[str, IntArray] = {c: np.zeros(0, dtype=np.int64) for c in _INT_COLUMNS}
         self._floats: dict[str, FloatArray] = {
             c: np.zeros(0, dtype=np.float64) for c in _FLOAT_COLUMNS
@@ -154,6 +163,9 @@ class SimEngine:
             "served_since_admit": 0,
             "prefill_left": 0,
             "queue_key": 0,
+            "cache_blocks": 0,
+            "cache_full": 0,
+            "cache_front": 0,
         }
         floats = {
             "arrival_s": arrival_s,
@@ -257,6 +269,13 @@ class SimEngine:
         blocks = int(self._col("kv_blocks")[row])
         context = int(self._col("prompt_tokens")[row] + self._col("generated_tokens")[row])
         in_prefill = self._col("prefill_left")[row] > 0
+        computed = context - int(self._col("prefill_left")[row])
+        # The freed blocks join the back of the free queue, last block first (vLLM frees in
+        # reverse so a prefix survives longest); its full blocks stay reusable by a prefix-cache
+        # hit until allocations from the front of the queue reach them.
+        self._col("cache_blocks")[row] = blocks
+        self._col("cache_full")[row] = computed // self.profile.block_size
+        self._col("cache_front")[row] = self._pops + self.kv_blocks_free
         self.kv_blocks_free += blocks
         self._col("kv_blocks")[row] = 0
         self._col("prefill_left")[row] = 0
@@ -272,6 +291,8 @@ class SimEngine:
             and not forced
             and self.host_blocks_free >= blocks
         ):
+            self._col("cache_blocks")[row] = 0
+            self._col("cache_full")[row] = 0
             self.host_blocks_free -= blocks
             self._col("host_blocks")[row] = blocks
             self._pending_stall_s += self.profile.swap_time(context)
@@ -306,13 +327,32 @@ class SimEngine:
                 self._col("host_blocks")[row] = 0
                 self._pending_stall_s += self.profile.swap_time(context)
                 self._col("prefill_left")[row] = 0
+                self._pops += need
             else:
-                self._col("prefill_left")[row] = context
+                hit = self._take_cached(row)
+                # A full hit still computes the last token, as vLLM does.
+                self._col("prefill_left")[row] = context - min(hit * block_size, context - 1)
+                self._pops += need - hit
             state[row] = State.RUNNING
             self._seq += 1
             self._col("admitted_seq")[row] = self._seq
             self._col("served_since_admit")[row] = 0
             running += 1
+
+    def _take_cached(self, row: int) -> int:
+        """Blocks of ``row``'s own KV still in the prefix cache, taken back (0 if none)."""
+        total = int(self._col("cache_blocks")[row])
+        if total == 0:
+            return 0
+        front = self._col("cache_front")
+        consumed = min(max(self._pops - int(front[row]), 0), total)
+        hit = min(int(self._col("cache_full")[row]), total - consumed)
+        # Blocks queued behind the ones taken back move up by as many.
+        behind = (self._col("cache_blocks") > 0) & (front > front[row])
+        front[behind] -= hit
+        self._col("cache_blocks")[row] = 0
+        self._col("cache_full")[row] = 0
+        return hit
 
     def _make_room_for_decode(self, decoding: IntArray) -> IntArray:
         """Preempt (forced, recompute) the newest running requests until decoders fit."""
@@ -335,20 +375,22 @@ class SimEngine:
         )
         self._col("kv_blocks")[decoding] += grow
         self.kv_blocks_free -= int(grow.sum())
+        self._pops += int(grow.sum())
         return np.asarray(forced, dtype=np.int64)
 
     def step(self, now_s: float) -> StepResult:
         """Run one iteration starting at ``now_s``."""
-        self._start_queued()
+        # vLLM V1's order: running requests first (decode growth, preempting the newest when
+        # it does not fit), then the waiting queue, and only in a step without preemptions.
         state = self._col("state")
         prefill_left = self._col("prefill_left")
+        decoding = np.flatnonzero((state == State.RUNNING) & (prefill_left == 0))
+        forced = self._make_room_for_decode(decoding)
+        if forced.size == 0:
+            self._start_queued()
+        state = self._col("state")
         running = state == State.RUNNING
         decoding = np.flatnonzero(running & (prefill_left == 0))
-        forced = self._make_room_for_decode(decoding)
-        if forced.size:
-            state = self._col("state")
-            running = state == State.RUNNING
-            decoding = np.flatnonzero(running & (prefill_left == 0))
 
         # Chunked prefill in admission order under the iteration's token budget.
         budget = max(self.profile.max_batched_tokens - decoding.size, 0)

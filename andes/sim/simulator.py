@@ -3,8 +3,10 @@
 Each worker is a :class:`~andes.sim.engine.SimEngine` with its own clock. Requests arrive from
 a :class:`~andes.workload.Workload`, are placed on the least-loaded worker (KV demand), and
 each worker is planned by the same policy object the scheduler service runs, at the same
-cadence: after an event (arrival, finish, forced preemption), no more often than
-``plan_interval_s``, and at least every ``replan_after_s``. Tokens reach the client at the end
+cadence: after an event (arrival, finish, forced preemption, or a plan that held starts back
+for the next one), no more often than ``plan_interval_s``, and at least every
+``replan_after_s``. (The scheduler service also replans after every delivery report, i.e.
+about every ``plan_interval_s`` under load.) Tokens reach the client at the end
 of the iteration that produced them; the client pacer and QoE are :mod:`andes.qoe`'s.
 """
 
@@ -144,7 +146,8 @@ def simulate(workload: Workload, policy: Policy, config: SimConfig) -> SimResult
             plans += 1
             solver_runs += int(plan.solver_ran)
             worker.last_plan = worker.clock
-            worker.dirty = False
+            # A plan that held work back (paced admissions) asks for the next one.
+            worker.dirty = bool(plan.notes.get("deferred", 0.0))
         if not worker.engine.has_work():
             if worker.dirty:
                 # Events are pending but the plan cadence is not due yet: wait for it.
