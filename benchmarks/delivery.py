@@ -13,10 +13,13 @@ Reported: delivered tokens/s over the busy period (first to last receipt), XADD-
 p50/p99/max, the client's own send lag and event-loop lag (so the client is not mistaken for
 the bottleneck), and CPU% per process sampled from /proc during the run.
 
-The plan round trip (snapshot -> plan applied at a worker) is not observable from outside the
-services: neither the scheduler nor the worker logs or exports when a plan is sent or applied.
-What is exported, the scheduler's plan computation time (``andes_plan_latency_seconds``), is
-scraped and reported as the only measured component.
+The plan round trip (snapshot -> plan applied at a worker) comes from the scheduler's
+``andes_plan_round_trip_seconds`` histogram (the worker reports when it applied each plan; both
+clocks are this machine's), scraped after the run with the plan computation time
+(``andes_plan_latency_seconds``); percentiles are interpolated within histogram buckets, as
+Prometheus's ``histogram_quantile`` does. ``--plan-interval-ms`` sets the scheduler's least time
+between two plans of one worker: 20 ms with two workers allows 100 plans/s (a plan goes out only
+when it changes something and the previous one was applied).
 
 Entry ids have 1 ms resolution (the XADD happened within [ms, ms + 1)), so latencies are taken
 from the middle of that millisecond: each figure is exact to +-0.5 ms.
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import threading
 import time
 import urllib.request
@@ -72,14 +76,22 @@ async def drive(
     return result, loop_lag
 
 
-def burst(n: int, prompt_tokens: int, output_tokens: int, tds: float) -> Workload:
-    """``n`` requests all due at t=0: any send lag is the client's own."""
+def burst(
+    n: int, prompt_tokens: int, output_tokens: int, tds: float,
+    trickle_rate: float = 0.0, trickle_s: float = 0.0, trickle_tokens: int = 20,
+) -> Workload:
+    """``n`` requests all due at t=0 (any send lag is the client's own), then
+    ``trickle_rate`` requests/s of ``trickle_tokens`` output tokens for ``trickle_s`` seconds:
+    every arrival makes the scheduler plan its worker's admission, which keeps the planner at
+    about that many plans/s (up to its ``--plan-interval-ms``) while the burst streams."""
+    extra = int(trickle_rate * trickle_s)
+    arrival = np.concatenate([np.zeros(n), (1 + np.arange(extra)) / max(trickle_rate, 1e-9)])
     return Workload(
-        arrival_s=np.zeros(n),
-        prompt_tokens=np.full(n, prompt_tokens),
-        output_tokens=np.full(n, output_tokens),
-        ttft_s=np.full(n, 5.0),
-        tds=np.full(n, tds),
+        arrival_s=arrival,
+        prompt_tokens=np.full(n + extra, prompt_tokens),
+        output_tokens=np.concatenate([np.full(n, output_tokens), np.full(extra, trickle_tokens)]),
+        ttft_s=np.full(n + extra, 5.0),
+        tds=np.full(n + extra, tds),
     )
 
 
@@ -115,6 +127,8 @@ class CpuSampler(threading.Thread):
         self.pids = pids
         self.period_s = period_s
         self.samples: dict[str, list[float]] = {name: [] for name in pids}
+        self.cpu_s: dict[str, float] = {name: 0.0 for name in pids}
+        """CPU seconds each process used while sampled."""
         self.halt = threading.Event()
 
     @staticmethod
@@ -136,6 +150,8 @@ class CpuSampler(threading.Thread):
                 self.samples[name].append(
                     100.0 * (ticks - last[name]) / CLK_TCK / (now - t_last)
                 )
+                if ticks:  # 0: the process is gone
+                    self.cpu_s[name] += (ticks - last[name]) / CLK_TCK
                 last[name] = ticks
             t_last = now
 
@@ -151,6 +167,28 @@ def scrape_histogram(port: int, name: str) -> dict[str, float]:
         elif line.startswith((f"{name}_sum ", f"{name}_count ")):
             out[line.split(" ", 1)[0].removeprefix(name + "_")] = float(line.rsplit(" ", 1)[1])
     return out
+
+
+def histogram_quantile(buckets: Mapping[str, float | str], q: float) -> float:
+    """The ``q`` quantile (0-1) of a scraped histogram, linear within a bucket (Prometheus's
+    ``histogram_quantile``); NaN without observations."""
+    bounds = sorted(
+        (float(key.removeprefix("le_")), float(count))
+        for key, count in buckets.items() if key.startswith("le_")
+    )
+    total = bounds[-1][1] if bounds else 0.0
+    if not total:
+        return float("nan")
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, cumulative in bounds:
+        if cumulative >= rank:
+            if np.isinf(upper):
+                return lower  # beyond the last finite bound: its lower edge is all we know
+            inside = cumulative - below
+            return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = upper, cumulative
+    return lower
 
 
 def pct(values: np.ndarray, q: float) -> float:
@@ -214,6 +252,25 @@ def analyse(
     }
 
 
+def error_summary(streams: list[StreamRecord]) -> dict[str, dict[str, float]]:
+    """Failed streams by status and detail (request ids and numbers masked): how many, how
+    many got no token at all, and when they ended (client clock, seconds from the start)."""
+    kinds: dict[str, list[StreamRecord]] = {}
+    for s in streams:
+        if s.error:
+            detail = re.sub(r"\d+", "N", s.error_detail.replace(s.request_id, "<id>"))
+            kinds.setdefault(f"{s.error}: {detail}", []).append(s)
+    return {
+        kind: {
+            "count": len(failed),
+            "without_tokens": sum(1 for s in failed if not s.token_times),
+            "ended_s_min": min(s.ended_s for s in failed),
+            "ended_s_max": max(s.ended_s for s in failed),
+        }
+        for kind, failed in kinds.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--streams", type=int, default=2000)
@@ -226,6 +283,14 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=1024)
     parser.add_argument("--policy", default="andes")
     parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--plan-interval-ms", type=float, default=20.0,
+                        help="the scheduler's least time between two plans of one worker")
+    parser.add_argument("--trickle-rate", type=float, default=100.0,
+                        help="requests/s arriving after the burst (each one makes a plan)")
+    parser.add_argument("--trickle-s", type=float, default=20.0,
+                        help="for how long the trickle arrives, seconds")
+    parser.add_argument("--trickle-tokens", type=int, default=20,
+                        help="output tokens of each trickle request")
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -237,6 +302,7 @@ def main() -> None:
         gateway_port=free_port(), scheduler_port=free_port(),
         worker_args=("--max-batch", str(args.max_batch)),
         gateway_args=("--max-streams", str(max(4096, 2 * args.streams))),
+        scheduler_args=("--plan-interval-ms", str(args.plan_interval_ms)),
     )
     if args.log_dir:
         args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -248,7 +314,8 @@ def main() -> None:
         sampler = CpuSampler(pids, period_s=0.5)
         sampler.start()
         t0 = time.time()
-        workload = burst(args.streams, args.prompt_tokens, args.output_tokens, args.tds)
+        workload = burst(args.streams, args.prompt_tokens, args.output_tokens, args.tds,
+                         args.trickle_rate, args.trickle_s, args.trickle_tokens)
         driven, loop_lag = asyncio.run(
             drive(cluster.gateway_addr, workload, args.channels, f"dl{int(t0)}")
         )
@@ -258,17 +325,16 @@ def main() -> None:
         sampler.join()
         entries = asyncio.run(read_entries(cluster.redis_url, streams))
         plan_hist: Mapping[str, float | str]
+        round_trip_hist: Mapping[str, float | str]
         try:
             plan_hist = scrape_histogram(scheduler_metrics, "andes_plan_latency_seconds")
+            round_trip_hist = scrape_histogram(scheduler_metrics,
+                                               "andes_plan_round_trip_seconds")
         except OSError as err:
-            plan_hist = {"error": str(err)}
+            plan_hist = round_trip_hist = {"error": str(err)}
 
     result = analyse(streams, entries)
-    errors: dict[str, int] = {}
-    for s in streams:
-        if s.error:
-            key = f"{s.error}: {s.error_detail}"
-            errors[key] = errors.get(key, 0) + 1
+    errors = error_summary(streams)
     lag = np.array(loop_lag)
     busy = {name: [v for v in vals] for name, vals in sampler.samples.items()}
     # CPU over the samples where the cluster was doing something (the busy seconds).
@@ -282,7 +348,7 @@ def main() -> None:
                                 "log_dir": str(args.log_dir) if args.log_dir else None,
                                 "cpu_cores": os.cpu_count()},
         "wall_s": wall_s,
-        "requests": args.streams,
+        "requests": len(workload),
         "completed": sum(1 for s in streams if s.finish_reason and not s.error),
         "errors": errors,
         **result,
@@ -294,11 +360,22 @@ def main() -> None:
             "event_loop_lag_ms_max": 1e3 * float(lag.max()) if lag.size else float("nan"),
         },
         "cpu_percent": cpu,
+        # Contention-proof: CPU time per delivered token, whatever else the machine runs.
+        "cpu_us_per_token": {
+            name: 1e6 * seconds / max(result["tokens_delivered"], 1)
+            for name, seconds in sampler.cpu_s.items()
+        },
         "cpu_percent_samples": {k: [round(x, 1) for x in v] for k, v in busy.items()},
         "plan_round_trip": {
-            "measured": False,
-            "why": "no service logs or exports when a plan is sent or applied; measuring it "
-                   "needs instrumentation in scheduler_service and worker",
+            "plans_applied": float(round_trip_hist.get("count", 0.0)),
+            "plans_applied_per_s": float(round_trip_hist.get("count", 0.0)) / wall_s,
+            "p50_ms": 1e3 * histogram_quantile(round_trip_hist, 0.50),
+            "p99_ms": 1e3 * histogram_quantile(round_trip_hist, 0.99),
+            "mean_ms": 1e3 * float(round_trip_hist.get("sum", 0.0))
+            / max(float(round_trip_hist.get("count", 0.0)), 1.0),
+            "round_trip_seconds_histogram": round_trip_hist,
+            "plan_compute_p50_ms": 1e3 * histogram_quantile(plan_hist, 0.50),
+            "plan_compute_p99_ms": 1e3 * histogram_quantile(plan_hist, 0.99),
             "plan_compute_seconds_histogram": plan_hist,
         },
         "goals": {

@@ -18,5 +18,7 @@ Run it with ``python -m gateway``; the modules hold one concept each:
 * ``metrics`` - Prometheus metrics;
 * ``service`` - the generation path both front ends share;
 * ``grpc_api`` / ``http_api`` - the two front ends;
+* ``grpc_events`` - grpc.aio's completion events reach the loop unthrottled (the scheduler
+  uses it too);
 * ``config`` / ``server`` / ``__main__`` - flags, assembly, health, drain.
 """

@@ -32,6 +32,7 @@ from gateway.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from gateway.config import GatewayConfig, split_host_port
 from gateway.delivery import DeliveryReporter
 from gateway.grpc_api import GrpcApi, server_options
+from gateway.grpc_events import NotificationDrain, drain_grpc_notifications
 from gateway.http_api import HttpApi
 from gateway.metrics import GatewayMetrics
 from gateway.payload import PayloadStore
@@ -140,6 +141,13 @@ class Gateway:
         self._reporter: DeliveryReporter | None = None
         self._scheduler: SchedulerClient | None = None
         self._stopped = False
+        self._drain: NotificationDrain | None = None
+
+    @property
+    def drains_grpc_notifications(self) -> bool:
+        """Whether grpc.aio's completion events reach the loop unthrottled
+        (:mod:`gateway.grpc_events`)."""
+        return self._drain is not None and not self._drain.closed
 
     @property
     def service(self) -> GenerationService:
@@ -201,6 +209,7 @@ class Gateway:
             raise StartupError(f"cannot listen on {config.listen}")
         self._server = server
         await server.start()
+        self._drain = drain_grpc_notifications()
         if config.http_listen:
             await self._start_http(self._service)
         for name in ("", SERVICE_NAME):
@@ -266,6 +275,8 @@ class Gateway:
             await self._scheduler.close()
         if self._redis is not None:
             await self._redis.aclose()
+        if self._drain is not None:
+            self._drain.close()
         self.metrics.stop_serving()
 
     async def wait_for_termination(self) -> None:

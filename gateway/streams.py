@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -148,6 +148,11 @@ class StreamHub:
         if keys_per_reader < 1 or queue_size < 1 or count < 1 or block_ms < 1:
             raise ValueError("keys_per_reader, queue_size, count and block_ms must be >= 1")
         self._redis = redis
+        # XREAD replies stay raw (entry fields as a flat list): redis-py's own reply callback
+        # builds a dict per entry (and converts RESP3 to RESP2's shape), over a third of the
+        # cost of reading a token stream. Same connection pool; other commands are unchanged.
+        self._xread = aioredis.Redis(connection_pool=redis.connection_pool)
+        self._xread.set_response_callback("XREAD", _raw_reply)
         self._wake_prefix = wake_prefix
         self.keys_per_reader = keys_per_reader
         self.block_ms = block_ms
@@ -322,7 +327,7 @@ class _Reader:
         reading = {f.key: f for f in self.feeds if not f.paused}
         streams: dict[Any, Any] = {self.wake_key: self._wake_id}
         streams.update({key: feed.last_id for key, feed in reading.items()})
-        reply = await self.hub._redis.xread(
+        reply = await self.hub._xread.xread(
             streams, count=self.hub.count, block=self.hub.block_ms
         )
         for raw_key, entries in _stream_replies(reply):
@@ -335,14 +340,14 @@ class _Reader:
             if feed is not None and self.by_key.get(key) is feed:
                 self._deliver(feed, entries)
 
-    def _deliver(self, feed: _Feed, entries: Sequence[tuple[Any, Mapping[bytes, bytes]]]) -> None:
+    def _deliver(self, feed: _Feed, entries: Sequence[tuple[Any, Sequence[bytes] | None]]) -> None:
         for entry_id, fields in entries:
             if feed.queue.qsize() >= feed.limit:
                 feed.paused = True  # re-read from last_id once the consumer catches up
                 return
             feed.last_id = _as_bytes(entry_id)
             try:
-                chunk = decode_chunk(dict(fields))
+                chunk = decode_chunk(_field_dict(fields))
             except ValueError as err:
                 feed.queue.put_nowait(StreamError(str(err)))
                 self.remove(feed)
@@ -355,6 +360,18 @@ class _Reader:
             if part.finish_reason:
                 self.remove(feed)  # the final entry: nothing more to read
                 return
+
+
+def _raw_reply(response: Any, **options: Any) -> Any:
+    """A redis-py response callback that keeps the reply as the parser gave it."""
+    return response
+
+
+def _field_dict(fields: Sequence[bytes] | None) -> dict[bytes, bytes]:
+    """A raw entry's flat ``[field, value, ...]`` list as a dict (None: a deleted entry)."""
+    if not fields:
+        return {}
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def _as_bytes(value: Any) -> bytes:

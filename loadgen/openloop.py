@@ -80,6 +80,8 @@ class StreamRecord:
     error: str = ""
     """The failure's kind (a gRPC status code's name, also for HTTP statuses) if it failed."""
     error_detail: str = ""
+    ended_s: float = math.nan
+    """When the stream ended (finished, failed or was interrupted), on the run's clock."""
     usage_tokens: int | None = None
     """Completion tokens the server reported at the end (HTTP ``usage``; None: not sent)."""
     counted_by: str = "message"
@@ -236,6 +238,7 @@ async def run_open_loop(
             record.error = CLIENT_ERROR
             record.error_detail = repr(err)
         finally:
+            record.ended_s = CLOCK() - clock
             if record.error:
                 counts.errors += 1
             else:

@@ -77,6 +77,8 @@ class WorkerSessionHandle:
     missing: list[str] = field(default_factory=list)
     last_plan_s: float = -math.inf
     last_sent_s: float = -math.inf
+    snapshot_unix_s: dict[int, float] = field(default_factory=dict)
+    """Plans sent and not yet applied: version -> when its snapshot was taken (wall clock)."""
     closed: bool = False
     task: asyncio.Task[None] | None = None
 
@@ -320,6 +322,7 @@ class Scheduler:
         self, handle: WorkerSessionHandle, report: scheduler_pb2.StepReport, now: float
     ) -> None:
         worker_id = handle.worker_id
+        self._note_plan_applied(handle, report)
         effects = self.table.apply_report(worker_id, report, now)
         if effects.stale:
             handle.send(_abort_message(effects.stale, moved=True))
@@ -347,6 +350,19 @@ class Scheduler:
         )
         metrics.KV_BLOCKS.labels(worker=worker_id, kind="total").set(view.kv_blocks_total)
         self._update_queue_metric()
+
+    @staticmethod
+    def _note_plan_applied(handle: WorkerSessionHandle, report: scheduler_pb2.StepReport) -> None:
+        """The plan round trip of the plan the report says was applied (once per plan; plans
+        superseded before the worker got to them are dropped unmeasured)."""
+        pending = handle.snapshot_unix_s
+        if not pending:
+            return
+        taken = pending.pop(report.plan_version, None)
+        if taken is not None and report.plan_applied_unix_s:  # 0: a worker that does not say
+            metrics.PLAN_ROUND_TRIP.observe(max(report.plan_applied_unix_s - taken, 0.0))
+        for version in [v for v in pending if v < report.plan_version]:
+            del pending[version]
 
     def close_session(self, handle: WorkerSessionHandle) -> None:
         """The session's stream ended (or was ended): its worker is dead unless replaced."""
@@ -438,6 +454,7 @@ class Scheduler:
         started = time.perf_counter()
         handle.last_plan_s = now
         view = self.table.workers[handle.worker_id]
+        snapshot_unix_s = time.time()  # the worker stamps its apply on this clock
         snapshot = self.table.snapshot(handle.worker_id, self.clock())
         if len(snapshot.requests) == 0:
             return
@@ -446,6 +463,7 @@ class Scheduler:
         if not has_actions(plan):
             return
         view.plan_version_sent += 1
+        handle.snapshot_unix_s[view.plan_version_sent] = snapshot_unix_s
         handle.send(Outgoing(plan=plan_to_proto(plan, self.table.name_of,
                                                 view.plan_version_sent)))
         handle.last_sent_s = now

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from andes.tls import ServerCredentials, add_port
 from andes.v1 import scheduler_pb2, scheduler_pb2_grpc
+from gateway.grpc_events import NotificationDrain, drain_grpc_notifications
 from scheduler_service.scheduler import RejectedError, Scheduler, WorkerSessionHandle
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class SchedulerServer:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health_aio.HealthServicer()
         self.port = 0
+        self._drain: NotificationDrain | None = None
 
     @property
     def address(self) -> str:
@@ -146,6 +148,9 @@ class SchedulerServer:
         self.port = add_port(self.server, self.listen, self.credentials)
         await self.scheduler.start()
         await self.server.start()
+        # grpc.aio's completion events unthrottled: a burst of Submits and the reports of
+        # every worker and gateway must not queue at one event per loop iteration.
+        self._drain = drain_grpc_notifications()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -154,3 +159,5 @@ class SchedulerServer:
         await self.health.enter_graceful_shutdown()
         await self.scheduler.stop()
         await self.server.stop(grace_s)
+        if self._drain is not None:
+            self._drain.close()

@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from andes import tokenstream
@@ -346,8 +347,14 @@ def test_delivery_reports_reach_the_planner(redis_url: str) -> None:
     run(scenario())
 
 
+def _round_trips() -> float:
+    """Plans whose round trip the scheduler measured (``andes_plan_round_trip_seconds``)."""
+    return REGISTRY.get_sample_value("andes_plan_round_trip_seconds_count") or 0.0
+
+
 def test_andes_plans_a_tiny_kv_budget(redis_url: str) -> None:
     async def scenario() -> None:
+        measured_before = _round_trips()
         async with cluster(redis_url, "andes", plan_interval_s=0.02) as c:
             # 24 blocks of 16 tokens: two or three of these requests fit at a time.
             worker = await c.start_worker("w0", kv_blocks=24)
@@ -364,6 +371,10 @@ def test_andes_plans_a_tiny_kv_budget(redis_url: str) -> None:
             view = c.scheduler.table.workers["w0"]
             await c.wait_for(lambda: view.plan_version_applied == view.plan_version_sent)
             assert view.plan_version_sent == applied[-1] == c.scheduler.plans_sent
+            # Every applied plan's round trip (snapshot -> applied) measured once; plans
+            # superseded before the worker applied them are not.
+            await c.wait_for(lambda: _round_trips() - measured_before == len(applied))
+            assert worker.loop.plan_applied_unix_s > 0
 
     run(scenario())
 

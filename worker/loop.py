@@ -82,6 +82,9 @@ class WorkerLoop:
         self.step_count = 0
         self.plan_version = 0
         """Version of the latest plan applied (0: none yet)."""
+        self.plan_applied_unix_s = 0.0
+        """When that plan was applied, wall clock (0: none yet); reported so the scheduler
+        can measure the plan round trip."""
         self._plan: PlanSpec | None = None
         self._finishing: dict[str, Finished] = {}
         """Finished in the engine; their final stream entry is not in Redis yet."""
@@ -182,6 +185,7 @@ class WorkerLoop:
             kv_blocks_total=self.engine.profile.kv_blocks_total,
             plan_version=self.plan_version,
             scheduled_tokens=self._scheduled_tokens,
+            plan_applied_unix_s=self.plan_applied_unix_s,
         )
 
     # -- the loop ------------------------------------------------------------------------
@@ -197,6 +201,7 @@ class WorkerLoop:
                     plan, self._plan = self._plan, None
                     await self._call(partial(self.engine.apply, plan))
                     self.plan_version = plan.version
+                    self.plan_applied_unix_s = time.time()
                     changed = True
                 stepped = not self._backlogged and self._has_work
                 if stepped and self.engine.blocking:
