@@ -413,7 +413,9 @@ class Scheduler:
                 entry.orphaned_at = self.clock()
             return  # stays an orphan until a worker can take it
         self.table.move(entry, worker_id)
-        self.sessions[worker_id].send(assignment_for(entry))
+        outgoing = assignment_for(entry)
+        outgoing.assignment.moved = True
+        self.sessions[worker_id].send(outgoing)
         self._mark_dirty(worker_id)
         log.info("request %s moved to worker %s at token %d", entry.request_id, worker_id,
                  entry.resume_from_tokens)
@@ -460,6 +462,9 @@ class Scheduler:
             return
         plan = self.planner.plan(snapshot)
         metrics.PLAN_LATENCY.observe(time.perf_counter() - started)
+        # A plan that held work back (paced admissions) asks for the next one at the cadence,
+        # as the simulator does.
+        handle.dirty = handle.dirty or bool(plan.notes.get("deferred", 0.0))
         if not has_actions(plan):
             return
         view.plan_version_sent += 1

@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host-kv-blocks", type=int,
                         default=_env_int("ANDES_HOST_KV_BLOCKS") or 0,
                         help="host memory for swapped-out KV, in blocks (0: no swap)")
+    parser.add_argument("--publish-interval-ms", type=float,
+                        default=float(env("ANDES_PUBLISH_INTERVAL_MS", "50")),
+                        help="a running request's tokens wait up to this long to be published "
+                             "together (its first tokens and its end never wait; 0: every "
+                             "iteration)")
     vllm = parser.add_argument_group("vllm backend")
     vllm.add_argument("--model", default=env("ANDES_MODEL"),
                       help="model directory (HF format; nothing is downloaded)")
@@ -93,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.host_kv_blocks < 0:
         parser.error("--host-kv-blocks must be >= 0")
+    if not 0 <= args.publish_interval_ms < 10_000:
+        parser.error("--publish-interval-ms must be in [0, 10000)")
     if args.backend == "vllm" and not args.model:
         parser.error("--backend vllm needs --model DIR (or ANDES_MODEL)")
     return args
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_blocks=args.kv_blocks,
         max_batch=args.max_batch,
         host_kv_blocks=args.host_kv_blocks,
+        publish_interval_s=args.publish_interval_ms / 1000,
         scheduler_tls=ChannelTls(ca=args.scheduler_tls_ca, cert=args.scheduler_tls_cert,
                                  key=args.scheduler_tls_key,
                                  server_name=args.scheduler_tls_server_name),
@@ -161,4 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     except RegistrationRefusedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        close = getattr(engine, "close", None)  # an engine process
+        if close is not None:
+            close()
     return 0

@@ -34,7 +34,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from andes.policies.base import State
-from andes.tokenstream import DEFAULT_PREFIX, decode_chunk, stream_key
+from andes.tokenstream import DEFAULT_PREFIX, TokenChunk, decode_chunk, stream_key
 from andes.v1 import generation_pb2, scheduler_pb2
 from worker import metrics
 from worker.engine import Engine, Finished, PlanSpec, Progress, RequestSpec, StepOutcome
@@ -90,6 +90,9 @@ class WorkerLoop:
         """Finished in the engine; their final stream entry is not in Redis yet."""
         self._accelerator_free_at = 0.0
         self._reportable: list[Finished] = []
+        self._report_pending = False
+        """Something changed since the last report; a blocking engine's next step carries the
+        report out (it is built while the engine computes), else it goes out at once."""
         self._forced: list[str] = []
         self._progress: list[Progress] = []
         self._assigned: dict[str, RequestSpec] = {}
@@ -209,12 +212,18 @@ class WorkerLoop:
                 else:
                     if stepped:
                         await self._iterate()
-                    published = await self._publish()
-                if stepped or changed or published:
+                    published = await self._publish(force=not self._has_work)
+                self._report_pending |= stepped or changed or published
+                if self._report_pending and not self._steps_next:
                     await self._report(stepped=stepped)
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def _steps_next(self) -> bool:
+        """A blocking engine steps in the next round: it will carry a pending report."""
+        return self.engine.blocking and self._has_work and not self._backlogged
 
     @property
     def _backlogged(self) -> bool:
@@ -261,6 +270,14 @@ class WorkerLoop:
             partial(self.engine.holds, spec.request_id)
         ):
             return
+        if assignment.moved:
+            end = await self._stream_end(spec.token_stream_key)
+            if end is not None and end.finish_reason:  # it ended before its worker died
+                self._reportable.append(Finished(spec.request_id, end.finish_reason, end.end))
+                self._report_pending = True
+                return
+            if end is not None and end.end > spec.resume_from_tokens:
+                spec = replace(spec, resume_from_tokens=end.end)
         self.publisher.open(spec.request_id, spec.token_stream_key, spec.resume_from_tokens)
         if spec.resume_from_tokens >= spec.max_tokens:  # moved here after its last token
             self._finish(Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH,
@@ -287,6 +304,23 @@ class WorkerLoop:
             self._finish(done)
         if not finished and self._executor is not None:
             self._assigned[spec.request_id] = spec
+
+    async def _stream_end(self, key: str) -> TokenChunk | None:
+        """The last entry of a token stream (None: empty, or Redis failed: then the
+        scheduler's resume index stands, and readers skip what is published twice)."""
+        try:
+            entries = await self._redis.xrevrange(key, count=1)
+        except (RedisError, OSError) as err:
+            log.warning("cannot read the end of %s: %s", key, err)
+            return None
+        if not entries:
+            return None
+        _, fields = entries[0]
+        try:
+            return decode_chunk({_bytes(k): _bytes(v) for k, v in (fields or {}).items()})
+        except ValueError as err:
+            log.warning("the last entry of %s is malformed: %s", key, err)
+            return None
 
     async def _published(self, spec: RequestSpec) -> tuple[tuple[int, ...], str]:
         """The first ``resume_from_tokens`` tokens of the response and their text, read back
@@ -344,13 +378,16 @@ class WorkerLoop:
         step = asyncio.ensure_future(self._call(partial(self._step_and_progress, time.time())))
         try:
             published = await self._publish()
+            self._report_pending |= published
+            if self._report_pending:  # the previous round's, as of the previous step
+                await self._report(stepped=True)
         finally:
             outcome, self._progress = await step
             self._assigned.clear()
         # Only now: the publisher must not take tokens while a flush is on its way.
         self._absorb(outcome, outcome.start_s, outcome.duration_s)
         if not self._has_work:  # nothing to overlap the last tokens with
-            published = await self._publish() or published
+            published = await self._publish(force=True) or published
         return published
 
     def _absorb(self, outcome: StepOutcome, start: float, elapsed: float) -> None:
@@ -369,9 +406,10 @@ class WorkerLoop:
         metrics.STEP_SECONDS.observe(elapsed)
         metrics.TOKENS_GENERATED.inc(tokens)
 
-    async def _publish(self) -> bool:
-        """Flush the iteration's tokens; whether some request's final entry went out."""
-        done = await self.publisher.flush()
+    async def _publish(self, *, force: bool = False) -> bool:
+        """Flush the tokens that are due (all of them with ``force``: the engine is idle, so
+        none would be written later); whether some request's final entry went out."""
+        done = await self.publisher.flush(force=force)
         if not done:
             return False
         self._reportable.extend(self._finishing.pop(rid) for rid in done)
@@ -382,6 +420,7 @@ class WorkerLoop:
         if self._executor is not None and not stepped:
             self._progress = await self._call(self.engine.progress)
             self._assigned.clear()
+        self._report_pending = False
         report = self.status_report(changed_only=True)
         report.finished.extend(finished_to_proto(f) for f in self._reportable)
         report.forced_preemptions.extend(self._forced)

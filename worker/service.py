@@ -43,6 +43,9 @@ class WorkerConfig:
     host_kv_blocks: int = 0
     """Host memory for swapped KV, in blocks (0: swap falls back to recompute)."""
     heartbeat_s: float = 0.5
+    publish_interval_s: float = 0.0
+    """How long a running request's tokens may wait to be published together (see
+    :mod:`worker.publisher`; 0: every iteration)."""
     vllm: VllmConfig | None = None
     """The engine's settings for the ``vllm`` backend (``kv_blocks`` and ``max_batch`` above
     override its ``num_gpu_blocks`` and ``max_num_seqs``)."""
@@ -51,15 +54,15 @@ class WorkerConfig:
 
 
 def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | None]:
-    """The engine, and for a blocking one the thread that built it and must run it."""
+    """The engine, and for a blocking one the thread the loop calls it from.
+
+    A real engine runs in a process of its own (:mod:`worker.engine_process`: it would
+    otherwise compete for the GIL with the worker's I/O); the emulated one runs in-process."""
     if config.backend != "vllm":
         return build_engine(config), None
-    engine_thread = ThreadPoolExecutor(1, "engine")
-    try:
-        return engine_thread.submit(build_engine, config).result(), engine_thread
-    except BaseException:
-        engine_thread.shutdown(wait=False)
-        raise
+    from worker.engine_process import EngineProcess
+
+    return EngineProcess(build_engine, config), ThreadPoolExecutor(1, "engine")
 
 
 def build_engine(config: WorkerConfig) -> Engine:
@@ -105,7 +108,7 @@ class WorkerService:
         self.loop = WorkerLoop(
             self.engine,
             worker_id=config.worker_id,
-            publisher=TokenPublisher(self.redis),
+            publisher=TokenPublisher(self.redis, interval_s=config.publish_interval_s),
             redis=self.redis,
             redis_prefix=config.redis_prefix,
             engine_thread=engine_thread,

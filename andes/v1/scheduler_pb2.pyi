@@ -233,7 +233,7 @@ class WorkerSessionResponse(_message.Message):
     def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., abort_requests: _Optional[_Union[AbortRequests, _Mapping]] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("request_id", "payload_key", "token_stream_key", "prompt_tokens", "max_tokens", "sampling", "qoe", "arrival_unix_s", "resume_from_tokens")
+    __slots__ = ("request_id", "payload_key", "token_stream_key", "prompt_tokens", "max_tokens", "sampling", "qoe", "arrival_unix_s", "resume_from_tokens", "moved")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_STREAM_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,7 @@ class Assignment(_message.Message):
     QOE_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     payload_key: str
     token_stream_key: str
@@ -252,7 +253,8 @@ class Assignment(_message.Message):
     qoe: _generation_pb2.QoESpec
     arrival_unix_s: float
     resume_from_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., payload_key: _Optional[str] = ..., token_stream_key: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., qoe: _Optional[_Union[_generation_pb2.QoESpec, _Mapping]] = ..., arrival_unix_s: _Optional[float] = ..., resume_from_tokens: _Optional[int] = ...) -> None: ...
+    moved: bool
+    def __init__(self, request_id: _Optional[str] = ..., payload_key: _Optional[str] = ..., token_stream_key: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., qoe: _Optional[_Union[_generation_pb2.QoESpec, _Mapping]] = ..., arrival_unix_s: _Optional[float] = ..., resume_from_tokens: _Optional[int] = ..., moved: _Optional[bool] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("plan_version", "preempt", "pause", "resume", "admit", "preemption_mode")
