@@ -16,9 +16,9 @@ Each planning step (paper, section 4):
    victims lose plus what the stall of their later recompute (or swap) costs every running
    request (the v2 overhead-aware refiner). The walk stops at the first rejection.
 5. *Prefill pacing* (ours, beyond the paper): the admissions and recompute resumes of one plan
-   start no more prefill than the next iteration hides under its memory-bound decode (at
-   least one request per plan). The rest wait for the next plan, a step later; the plan says
-   how many it held back (``notes["deferred"]``) so the caller plans again soon.
+   start no more prefill than the iterations until the next plan hide under their
+   memory-bound decode (at least one request per plan). The rest wait for the next plan; the
+   plan says how many it held back (``notes["deferred"]``) so the caller plans again soon.
 """
 
 from __future__ import annotations
@@ -97,10 +97,14 @@ class AndesPolicy:
     memory_aware: bool = True
     """Rank by QoE gain per KV block (Andes); False ranks by gain alone (the LQF baseline)."""
     pace_prefill: bool = True
-    """Under pressure, start no more prefill (new prompts, recomputes) per plan than the next
-    iteration hides under its memory-bound decode (at least one request): a bigger lump makes
-    the iteration compute-bound and stalls every running request, which under overload is
-    capacity lost for good. Requests held back stay waiting for the next plan."""
+    """Under pressure, start no more prefill (new prompts, recomputes) per plan than the
+    iterations until the next plan hide under their memory-bound decode (at least one
+    request): a bigger lump makes an iteration compute-bound and stalls every running
+    request, which under overload is capacity lost for good. Requests held back stay waiting
+    for the next plan."""
+    plan_interval_s: float = 0.05
+    """Least time between two plans of a worker (the scheduler service's and the simulator's
+    default): pacing spreads a plan's prefill budget over the iterations it covers."""
     name: str = field(default="andes")
 
     def plan(self, snapshot: Snapshot) -> Plan:
@@ -179,6 +183,7 @@ class AndesPolicy:
             pause = holds & ~selected & (state == State.RUNNING)
             starts = np.flatnonzero(selected & ~holds)
             starts = starts[np.argsort(-priority[starts], kind="stable")]
+            # The unselected are paused: only the selected holders decode.
             allowed = self._paced(snapshot, starts, selected & holds)
             keep = selected.copy()
             keep[starts[~allowed]] = False
@@ -188,7 +193,9 @@ class AndesPolicy:
 
         admissions = np.flatnonzero(selected & ~holds)
         admissions = admissions[np.argsort(-priority[admissions], kind="stable")]
-        allowed = self._paced(snapshot, admissions, selected & holds)
+        # Unselected holders keep running unless a victim below: all of them decode.
+        decoding = (state == State.RUNNING) | (selected & holds)
+        allowed = self._paced(snapshot, admissions, decoding)
         deferred = int(np.count_nonzero(~allowed))
         admissions = admissions[allowed]
         victims = np.flatnonzero(holds & ~selected & (table.preemptions < self.max_preemptions))
@@ -238,12 +245,14 @@ class AndesPolicy:
     def _paced(self, snapshot: Snapshot, starts: IntArray, decoding: np.ndarray) -> np.ndarray:
         """Which of ``starts`` (rows in priority order) may start now under prefill pacing.
 
-        The next iteration reads the weights and the KV of the ``decoding`` requests (memory
-        time) and computes their tokens; prefill tokens up to the difference ride along for
-        free. Requests already queued in the engine keep their place and their prefill counts
-        first; new prefills (admissions, recompute resumes) follow in order while they fit the
-        rest of the slack, stopping at the first that does not. The first always goes when
-        nothing queued is waiting for a prefill, so the queue always moves.
+        An iteration reads the weights and the KV of the ``decoding`` requests (memory time)
+        and computes their tokens; prefill tokens up to the difference ride along for free.
+        The budget is that slack times the iterations until the next plan (``plan_interval_s``
+        over the current batch's iteration time, at least one). Requests already queued in the
+        engine keep their place and their prefill counts first; new prefills (admissions,
+        recompute resumes) follow in order while they fit the rest of the budget, stopping at
+        the first that does not. The first always goes when nothing queued is waiting for a
+        prefill, so the queue always moves.
         """
         allowed = np.ones(starts.size, dtype=bool)
         if not self.pace_prefill or starts.size == 0:
@@ -256,6 +265,11 @@ class AndesPolicy:
         )
         compute = profile.compute_s_per_token * float(np.count_nonzero(decoding))
         slack = max(memory - compute, 0.0) / profile.prefill_per_token_s
+        running = table.state == State.RUNNING
+        iteration = profile.iteration_time(
+            float(np.count_nonzero(running)), float(context[running].sum())
+        )
+        budget = slack * max(1.0, self.plan_interval_s / iteration)
         state = table.state[starts]
         queued = state == State.QUEUED
         pending = float(context[starts[queued]].sum())
@@ -266,7 +280,7 @@ class AndesPolicy:
             0.0,
         )
         total = pending + np.cumsum(prefill)
-        fits = total <= slack
+        fits = total <= budget
         if pending == 0.0:
             fits |= total == prefill  # the first prefill always goes
         if not fits.all():
