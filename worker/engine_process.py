@@ -94,6 +94,9 @@ class EngineProcess:
         self.profile = facts.profile
         self.needs_payload = facts.needs_payload
         self._state: _State = state
+        self._held: set[str] = set()
+        """The requests the engine holds, followed from the calls' answers, so ``holds``
+        (asked before every assignment) costs no round trip."""
 
     @property
     def pid(self) -> int | None:
@@ -123,20 +126,24 @@ class EngineProcess:
 
     def add(self, spec: RequestSpec) -> list[Finished]:
         result: list[Finished] = self._request("add", spec)
+        if not any(done.request_id == spec.request_id for done in result):
+            self._held.add(spec.request_id)
         return result
 
     def holds(self, request_id: str) -> bool:
-        return bool(self._request("holds", request_id))
+        return request_id in self._held
 
     def apply(self, plan: PlanSpec) -> None:
         self._request("apply", plan)
 
     def step(self, now_s: float) -> StepOutcome:
         outcome: StepOutcome = self._request("step", now_s)
+        self._held.difference_update(done.request_id for done in outcome.finished)
         return outcome
 
     def cancel(self, request_ids: tuple[str, ...]) -> list[Finished]:
         result: list[Finished] = self._request("cancel", request_ids)
+        self._held.difference_update(request_ids)
         return result
 
     def progress(self) -> list[Progress]:
@@ -154,7 +161,7 @@ class EngineProcess:
             self._process.join()
 
 
-_METHODS = frozenset({"add", "holds", "apply", "step", "cancel", "progress"})
+_METHODS = frozenset({"add", "apply", "step", "cancel", "progress"})
 
 
 def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection) -> None:
