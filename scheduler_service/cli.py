@@ -16,7 +16,7 @@ import sys
 import uvloop
 from prometheus_client import start_http_server
 
-from andes.policies import POLICY_NAMES, make_policy
+from andes.policies import POLICY_NAMES, AndesPolicy, make_policy
 from andes.tls import ServerCredentials, ServerTls, TlsError
 from scheduler_service.scheduler import Scheduler
 from scheduler_service.server import SchedulerServer
@@ -25,6 +25,11 @@ from scheduler_service.server import SchedulerServer
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     return float(value) if value else default
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preemption-mode", choices=("recompute", "swap"),
                         default=env("ANDES_PREEMPTION_MODE", "recompute"))
     parser.add_argument("--max-preemptions", type=int,
-                        default=int(env("ANDES_MAX_PREEMPTIONS", "0")),
-                        help="andes: preemptions per request the planner may make (default 0: "
-                             "admission order and pausing only)")
+                        default=_env_int("ANDES_MAX_PREEMPTIONS"),
+                        help="andes: planned preemptions per request (default: the policy's, "
+                             f"{AndesPolicy.max_preemptions}, as in the paper)")
     parser.add_argument("--plan-interval-ms", type=float,
                         default=_env_float("ANDES_PLAN_INTERVAL_MS", 50.0),
                         help="least time between two plans of one worker")
@@ -69,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("plan_interval_ms", "replan_after_s", "worker_timeout_s"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.reassign_grace_s < 0 or args.max_queue < 0 or args.max_preemptions < 0:
+    if args.reassign_grace_s < 0 or args.max_queue < 0 or (
+        args.max_preemptions is not None and args.max_preemptions < 0
+    ):
         parser.error("--reassign-grace-s, --max-queue and --max-preemptions must be >= 0")
     return args
 
@@ -77,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_scheduler(args: argparse.Namespace) -> Scheduler:
     return Scheduler(
         make_policy(args.policy, preemption_mode=args.preemption_mode,
-                    max_preemptions=args.max_preemptions),
+                    max_preemptions=args.max_preemptions,
+                    plan_interval_s=args.plan_interval_ms / 1000.0),
         plan_interval_s=args.plan_interval_ms / 1000.0,
         replan_after_s=args.replan_after_s,
         worker_timeout_s=args.worker_timeout_s,

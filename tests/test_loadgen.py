@@ -95,23 +95,23 @@ def test_run_writes_every_key_with_complete_streams(
 
 @pytest.mark.slow
 def test_measured_qoe_matches_the_simulator(cluster: LocalCluster, tmp_path: Path) -> None:
-    """A burst that overloads the two workers (seconds of queueing, average QoE near 0.9):
-    the cluster's QoE, measured at the client, is the simulator's prediction for the same
-    requests within 0.05."""
+    """A burst that overloads the two workers (seconds of queueing; FCFS would average about
+    0.63): the cluster's QoE, measured at the client, is the simulator's prediction for the
+    same requests within 0.03."""
     flags = ["--workload", "sharegpt", "--qoe-mix", "reading", "--arrival", "burst:2,0.35,10",
              "--duration", "8", "--seed", "7"]
     out = tmp_path / "burst.json"
-    status = main(["run", "--target", f"grpc://{cluster.gateway_addr}", *flags, "--rate", "16",
+    status = main(["run", "--target", f"grpc://{cluster.gateway_addr}", *flags, "--rate", "24",
                    "--json", str(out), "--quiet"])
     assert status == 0
     (row,) = json.loads(out.read_text())["results"]
-    workload = make_workload("sharegpt", "reading", "burst:2,0.35,10", 16, duration_s=8, seed=7)
+    workload = make_workload("sharegpt", "reading", "burst:2,0.35,10", 24, duration_s=8, seed=7)
     assert row["completed"] == len(workload) and row["errors"] == {}
     profile = dataclasses.replace(load_profile("a100-opt13b"), kv_blocks_total=KV_BLOCKS)
     simulated = simulate(workload, make_policy("andes"), SimConfig(profile=profile,
                                                                      num_workers=2)).summary()
     print(f"measured {row['avg_qoe']:.3f}, simulated {simulated['avg_qoe']:.3f}")
-    assert abs(row["avg_qoe"] - float(simulated["avg_qoe"])) <= 0.05  # type: ignore[arg-type]
+    assert abs(row["avg_qoe"] - float(simulated["avg_qoe"])) <= 0.03  # type: ignore[arg-type]
 
 
 def test_sigint_drains_and_writes_interrupted_results(cluster: LocalCluster,

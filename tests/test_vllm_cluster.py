@@ -84,8 +84,10 @@ def test_real_tokens_stream_through_the_cluster(cluster: LocalCluster,
 def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,
                                                vllm_backend: object) -> None:
     """20 requests of 60 tokens need 3 blocks each at the end; the worker has 12: most wait,
-    the planner preempts and resumes some (and the engine others, when KV runs out), and
-    every response is still the greedy one."""
+    requests are preempted and resumed (by the planner, or by the engine when KV runs out
+    first: which of the two depends on timing), every engine preemption reaches the
+    scheduler, and every response is still the greedy one. (That plans' preemptions and
+    resumes are executed as planned: tests/test_vllm_backend.py.)"""
     prompts = [f"Request number {i}: tell me a story about {w}"
                for i, w in enumerate(["cats", "ships", "rain", "bread", "maps"] * 4)]
     reference = greedy(vllm_backend, prompts, 60, ignore_eos=True)
@@ -100,4 +102,4 @@ def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,
     planned = _counter(SCHEDULER_METRICS, 'andes_preemptions_total{cause="planned"}')
     print(f"preemptions: planned {planned:g}, engine {engine_forced:g}")
     assert engine_forced == scheduler_forced
-    assert planned > 0, "the planner must have preempted under this much KV pressure"
+    assert planned + engine_forced > 0, "this much KV pressure must preempt"

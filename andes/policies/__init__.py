@@ -31,12 +31,18 @@ __all__ = [
 
 
 def make_policy(
-    name: str, *, preemption_mode: str = "recompute", max_preemptions: int | None = None
+    name: str,
+    *,
+    preemption_mode: str = "recompute",
+    max_preemptions: int | None = None,
+    plan_interval_s: float | None = None,
 ) -> Policy:
     """The policy called ``name`` with its default configuration; ``max_preemptions``
-    overrides the Andes planners' preemption cap."""
+    overrides the Andes planners' preemption cap and ``plan_interval_s`` tells them the plan
+    cadence their prefill pacing spreads over (the caller's, where it is not the default)."""
     mode = PreemptionMode(preemption_mode)
     cap = AndesPolicy.max_preemptions if max_preemptions is None else max_preemptions
+    interval = AndesPolicy.plan_interval_s if plan_interval_s is None else plan_interval_s
     if name == "fcfs":
         return FcfsPolicy()
     if name == "rr":
@@ -44,8 +50,8 @@ def make_policy(
     if name == "lqf":
         return least_qoe_first(mode)
     if name == "andes":
-        return AndesPolicy(preemption_mode=mode, max_preemptions=cap)
+        return AndesPolicy(preemption_mode=mode, max_preemptions=cap, plan_interval_s=interval)
     if name == "andes-exact":
-        return AndesPolicy(solver="exact", preemption_mode=mode, name="andes-exact",
-                           max_preemptions=cap)
+        return AndesPolicy(solver="exact", name="andes-exact", preemption_mode=mode,
+                           max_preemptions=cap, plan_interval_s=interval)
     raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
