@@ -147,15 +147,22 @@ class TokenPacer:
 
     def deliver(self, num_tokens: int, now: float) -> list[float]:
         """Record ``num_tokens`` arriving at ``now``; return when each one should be shown."""
+        first = self.count
+        self.advance(num_tokens, now)
+        start = self.arrival_s + self.digest_max
         d = self.token_interval
+        return [start + (first + i) * d for i in range(max(num_tokens, 0))]
+
+    def advance(self, num_tokens: int, now: float) -> None:
+        """Record ``num_tokens`` arriving at ``now`` in O(1): the digest start of a token that
+        arrives with later ones is the earliest's (``relative - count * d`` falls with the
+        count), so the tokens of one arrival share one digest start and one delay."""
+        if num_tokens <= 0:
+            return
         relative = now - self.arrival_s
-        shown: list[float] = []
-        for _ in range(num_tokens):
-            self.digest_max = max(self.digest_max, relative - self.count * d)
-            self.delay_sum += max(0.0, self.digest_max - self.ttft)
-            shown.append(self.arrival_s + self.digest_max + self.count * d)
-            self.count += 1
-        return shown
+        self.digest_max = max(self.digest_max, relative - self.count * self.token_interval)
+        self.delay_sum += num_tokens * max(0.0, self.digest_max - self.ttft)
+        self.count += num_tokens
 
     def next_show_time(self) -> float:
         """Earliest time the next token could be shown (end of the last token's slot)."""

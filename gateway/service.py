@@ -401,11 +401,17 @@ class GenerationService:
         # The pacer runs from the original arrival; the tokens before the resume index are
         # taken as delivered now (the old stream's timeline is gone), which errs on the side
         # of a late client, so the planner favours a client that lost its stream.
+        if valid.resume_from_index > stored.max_tokens:
+            raise GenerationError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"resume_from_index: {valid.resume_from_index} is past the end of the response "
+                f"(max_tokens {stored.max_tokens})",
+            )
         call.arrival_mono_s -= call.arrival_unix_s - stored.arrival_unix_s
         call.arrival_unix_s = stored.arrival_unix_s
         call.resumed = True
         pacer = TokenPacer(stored.ttft_s, stored.tds, arrival_s=call.arrival_mono_s)
-        pacer.deliver(valid.resume_from_index, time.monotonic())
+        pacer.advance(valid.resume_from_index, time.monotonic())
         return stored.prompt_tokens, pacer
 
     async def _submit(self, valid: ValidRequest, prompt_tokens: int, call: Call) -> None:
@@ -602,7 +608,7 @@ class Generation:
         count = len(delta.token_ids)
         if count:
             metrics = self._service.metrics
-            self._pacer.deliver(count, now)
+            self._pacer.advance(count, now)
             metrics.tokens_delivered.inc(count)
             if self._first_sent is None:
                 self._first_sent = now

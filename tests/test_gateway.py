@@ -474,6 +474,12 @@ def test_resume_from_index_returns_the_rest(redis_url: str) -> None:
             past = generation_pb2.GenerateRequest(request_id="again", resume_from_index=11)
             error = await _rpc_error(c.stub.Generate(past, timeout=10))
             assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+            # Far past the end: refused before any per-token work (no memory blow-up).
+            for huge in (10**9, 2**64 - 1):
+                far = generation_pb2.GenerateRequest(request_id="again", resume_from_index=huge)
+                error = await _rpc_error(c.stub.Generate(far, timeout=10))
+                assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+                assert "max_tokens 10" in (error.details() or "")
             assert len(c.scheduler.submits) == 1, "resuming starts no new generation"
             assert whole[-1].usage.completion_tokens == 10
 
