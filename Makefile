@@ -71,7 +71,7 @@ bench-vllm: $(VLLM_STAMP) redis
 # `soak` runs 10 minutes at 80% of capacity with a worker killed every minute
 # (writes benchmarks/results/soak.json).
 chaos: $(VLLM_STAMP) redis
-	ANDES_CHAOS_LONG=1 $(PY) -m pytest -q tests/chaos
+	ANDES_CHAOS_LONG=1 $(PY) -m pytest -q -s tests/chaos
 soak: $(STAMP) redis
 	$(PY) benchmarks/soak.py
 # 10,000 generated inputs per public API (gRPC and HTTP); counts in benchmarks/results/fuzz.json.

@@ -118,3 +118,87 @@ def test_any_interval_publishes_every_token_once_in_order(
         await redis.aclose()
 
     asyncio.run(scenario())
+
+
+async def _flush_until_done(publisher: TokenPublisher, *request_ids: str) -> None:
+    done: set[str] = set()
+    for _ in range(4):
+        done.update(await publisher.flush() or [])
+    assert done == set(request_ids)
+
+
+def _read_as_a_client(chunks: list[tokenstream.TokenChunk]) -> tuple[list[int], str]:
+    """Each index once, with its text, as the gateway's readers take a stream."""
+    position, tokens, text = 0, [], ""
+    for chunk in chunks:
+        part = chunk.after(position)
+        if part is None:
+            continue
+        tokens.extend(part.token_ids)
+        text += part.text
+        position = part.end
+        if part.finish_reason:
+            break
+    return tokens, text
+
+
+def test_a_failed_flush_that_partly_landed_is_not_written_twice(redis_url: str) -> None:
+    """A pipeline can fail after some of its entries were written (Redis stopped, or a
+    command refused mid-pipeline: here one stream's key holds a string). The retry appends
+    only what the stream does not hold yet: entries never overlap, the text stays whole."""
+
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_url)
+        good, bad = (f"pub-{uuid.uuid4().hex[:8]}" for _ in range(2))
+        await redis.set(bad, "not a stream")
+        publisher = TokenPublisher(redis)
+        publisher.open("good", good, 0)
+        publisher.open("bad", bad, 0)
+        publisher.add(TokenRun("good", 0, (0, 1, 2), "zero one two "))
+        publisher.add(TokenRun("bad", 0, (7,), "seven "))
+        assert await publisher.flush() is None
+        assert [c.token_ids for c in await _entries(redis, good)] == [(0, 1, 2)], "it landed"
+        await redis.delete(bad)
+        publisher.add(TokenRun("good", 3, (3, 4), "three four "))
+        publisher.finish("good", LENGTH)
+        publisher.finish("bad", LENGTH)
+        await _flush_until_done(publisher, "good", "bad")
+        chunks = await _entries(redis, good)
+        assert all(a.end == b.index for a, b in itertools.pairwise(chunks)), chunks
+        assert _read_as_a_client(chunks) == ([0, 1, 2, 3, 4], "zero one two three four ")
+        assert _read_as_a_client(await _entries(redis, bad)) == ([7], "seven ")
+        await redis.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_writer_never_overlaps_the_new_one(redis_url: str) -> None:
+    """A worker frozen past its timeout wakes up and publishes for a request that moved on:
+    its appends land only where the stream ends, so the client still reads every token once
+    with its text, whichever writer made it."""
+
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_url)
+        key = f"pub-{uuid.uuid4().hex[:8]}"
+        words = [f"w{i} " for i in range(12)]
+        stale, current = TokenPublisher(redis), TokenPublisher(redis)
+        stale.open("r", key, 0)
+        stale.add(TokenRun("r", 0, (0, 1), "".join(words[0:2])))
+        assert await stale.flush() == []
+        current.open("r", key, 2)  # moved: resumes where the stream ended
+        for i in range(2, 6):
+            current.add(TokenRun("r", i, (i,), words[i]))
+        assert await current.flush() == []
+        for i in range(2, 9):  # the stale one wakes up with tokens of its own
+            stale.add(TokenRun("r", i, (i,), words[i]))
+        assert await stale.flush() == []
+        for i in range(6, 12):
+            current.add(TokenRun("r", i, (i,), words[i]))
+        current.finish("r", LENGTH)
+        await _flush_until_done(current, "r")
+        chunks = await _entries(redis, key)
+        assert all(a.end == b.index for a, b in itertools.pairwise(chunks)), chunks
+        assert _read_as_a_client(chunks) == (list(range(12)), "".join(words))
+        await redis.aclose()
+
+    asyncio.run(scenario())

@@ -412,7 +412,8 @@ class WorkerLoop:
         done = await self.publisher.flush(force=force)
         if not done:
             return False
-        self._reportable.extend(self._finishing.pop(rid) for rid in done)
+        # A stream dropped as no longer this worker's is done too, finishing or not.
+        self._reportable.extend(f for rid in done if (f := self._finishing.pop(rid, None)))
         return True
 
     async def _report(self, *, stepped: bool) -> None:
