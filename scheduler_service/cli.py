@@ -82,11 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_scheduler(args: argparse.Namespace) -> Scheduler:
+    plan_interval_s = args.plan_interval_ms / 1000.0
     return Scheduler(
         make_policy(args.policy, preemption_mode=args.preemption_mode,
-                    max_preemptions=args.max_preemptions,
-                    plan_interval_s=args.plan_interval_ms / 1000.0),
-        plan_interval_s=args.plan_interval_ms / 1000.0,
+                    max_preemptions=args.max_preemptions, plan_interval_s=plan_interval_s),
+        plan_interval_s=plan_interval_s,
         replan_after_s=args.replan_after_s,
         worker_timeout_s=args.worker_timeout_s,
         reassign_grace_s=args.reassign_grace_s,

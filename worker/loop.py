@@ -307,7 +307,8 @@ class WorkerLoop:
 
     async def _stream_end(self, key: str) -> TokenChunk | None:
         """The last entry of a token stream (None: empty, or Redis failed: then the
-        scheduler's resume index stands, and readers skip what is published twice)."""
+        scheduler's resume index stands, and the publisher's conditional appends skip what
+        the stream already holds)."""
         try:
             entries = await self._redis.xrevrange(key, count=1)
         except (RedisError, OSError) as err:

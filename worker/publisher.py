@@ -81,7 +81,8 @@ class _Stream:
 
     @property
     def pending(self) -> int:
-        return sum(len(run.token_ids) for run in self.runs)
+        """Tokens waiting (``runs`` span ``published``..``generated`` when that is not empty)."""
+        return max(self.generated - self.published, 0)
 
     @property
     def dirty(self) -> bool:
@@ -94,16 +95,8 @@ class _Stream:
 
     def keep_from(self, index: int) -> None:
         """Drop waiting tokens before ``index`` (the stream holds them already)."""
-        kept: list[TokenRun] = []
-        for run in self.runs:
-            end = run.index + len(run.token_ids)
-            if end <= index:
-                continue
-            if run.index < index:  # split: the text of a run cannot be, it goes with none
-                skip = index - run.index
-                run = TokenRun(run.request_id, index, run.token_ids[skip:], "")
-            kept.append(run)
-        self.runs = kept
+        self.runs = [_from(run, index) for run in self.runs
+                     if run.index + len(run.token_ids) > index]
 
     def chunk(self) -> TokenChunk:
         return TokenChunk(
@@ -112,6 +105,14 @@ class _Stream:
             "".join(run.text for run in self.runs),
             self.finish_reason,
         )
+
+
+def _from(run: TokenRun, index: int) -> TokenRun:
+    """The part of ``run`` from token ``index`` on. Text cannot be split per token, so a run
+    cut in two leaves its text out."""
+    if run.index >= index:
+        return run
+    return TokenRun(run.request_id, index, run.token_ids[index - run.index:], "")
 
 
 class TokenPublisher:
@@ -145,9 +146,7 @@ class TokenPublisher:
             return  # another writer put these in the stream already
         if not stream.runs:
             stream.waiting_since = self._clock()
-        stream.runs.append(run)
-        if run.index < stream.published:
-            stream.keep_from(stream.published)
+        stream.runs.append(_from(run, stream.published))
 
     def finish(self, request_id: str, reason: int) -> None:
         """End the response: its last entry (with any waiting tokens) carries ``reason``."""
@@ -188,9 +187,7 @@ class TokenPublisher:
             return []
         chunks = [stream.chunk() for _, stream in dirty]
         try:
-            results = await self._append(
-                [stream.key for _, stream in dirty], chunks
-            )
+            results = await self._append([stream.key for _, stream in dirty], chunks)
         except (RedisError, OSError) as err:
             if self._healthy:
                 log.warning("publishing tokens failed, will retry: %s", err)
