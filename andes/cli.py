@@ -22,7 +22,7 @@ from andes.latency import list_profiles, load_profile
 from andes.policies import POLICY_NAMES
 from andes.sim.snapshots import time_planner
 from andes.sim.sweep import Row, RunConfig, format_table, json_document, sweep
-from andes.tiny_model import MIN_VOCAB_SIZE, build_tiny_model
+from andes.tiny_model import MIN_VOCAB_SIZE, SHAPES, build_tiny_model
 from andes.workload import parse_arrival, parse_lengths, parse_qoe_mix
 
 Handler = Callable[[argparse.Namespace], int]
@@ -411,6 +411,9 @@ def _add_model(commands: Subcommands) -> None:
     tiny.add_argument("--seed", type=int, default=0, help="seeds the weights (default 0)")
     tiny.add_argument("--vocab-size", type=_vocab_size, default=2048,
                       help="tokens in the vocabulary (default 2048)")
+    tiny.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                      help="tiny: 2 layers of 128 (tests, demos); small: 4 layers of 512, "
+                           "whose steps cost compute rather than framework (default tiny)")
     tiny.add_argument("--force", action="store_true",
                       help="write into --out even if it is not empty (same-named files replaced)")
     tiny.set_defaults(handler=_model_tiny)
@@ -437,6 +440,6 @@ def _model_tiny(args: argparse.Namespace) -> int:
         print(f"andes: error: {out} is not empty; pass --force to write into it anyway",
               file=sys.stderr)
         return USAGE_ERROR
-    build_tiny_model(out, seed=args.seed, vocab_size=args.vocab_size)
+    build_tiny_model(out, seed=args.seed, vocab_size=args.vocab_size, shape=args.shape)
     print(out)
     return 0

@@ -14,6 +14,7 @@ rest of ``andes`` runs without them.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,15 +39,31 @@ CHAT_TEMPLATE = (
 )
 """Plain-text roles, so chat requests render without a template of the caller's own."""
 
-LAYERS = 2
-HIDDEN_SIZE = 128
-HEADS = 4
-"""Head size 32: the smallest the CPU attention backend supports."""
-INTERMEDIATE_SIZE = 352
 MAX_POSITIONS = 4096
 
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 2048) -> Path:
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture's sizes (heads of 32: the smallest the CPU attention backend takes)."""
+
+    layers: int
+    hidden_size: int
+    heads: int
+    intermediate_size: int
+
+
+SHAPES = {
+    "tiny": ModelShape(layers=2, hidden_size=128, heads=4, intermediate_size=352),
+    "small": ModelShape(layers=4, hidden_size=512, heads=16, intermediate_size=1408),
+}
+"""``tiny`` (0.8 M parameters) runs the tests in seconds; ``small`` (about 15 M) makes each
+step cost compute rather than framework overhead, as a real model's does on its accelerator
+(the overhead benchmark runs both)."""
+
+
+def build_tiny_model(
+    out_dir: Path, *, seed: int = 0, vocab_size: int = 2048, shape: str = "tiny"
+) -> Path:
     """Write the model, its tokenizer and a README into ``out_dir`` (files of the same name are
     replaced) and return ``out_dir``. The same seed and vocab_size give the same bytes."""
     if vocab_size < MIN_VOCAB_SIZE:
@@ -56,11 +73,13 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 2048) ->
         )
     # Everything is built here; a stray download would make the result depend on the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
     tokenizer = _fast_tokenizer(_train_tokenizer(vocab_size))
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
-    _save_model(out_dir, tokenizer, seed=seed)
-    (out_dir / "README.md").write_text(_readme(seed=seed, vocab_size=vocab_size))
+    _save_model(out_dir, tokenizer, seed=seed, shape=SHAPES[shape])
+    (out_dir / "README.md").write_text(_readme(seed=seed, vocab_size=vocab_size, shape=shape))
     return out_dir
 
 
@@ -103,17 +122,19 @@ def _fast_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def _save_model(out_dir: Path, tokenizer: PreTrainedTokenizerFast, *, seed: int) -> None:
+def _save_model(
+    out_dir: Path, tokenizer: PreTrainedTokenizerFast, *, seed: int, shape: ModelShape
+) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -130,14 +151,17 @@ def _save_model(out_dir: Path, tokenizer: PreTrainedTokenizerFast, *, seed: int)
     (out_dir / "model.safetensors").chmod(0o644)
 
 
-def _readme(*, seed: int, vocab_size: int) -> str:
+def _readme(*, seed: int, vocab_size: int, shape: str) -> str:
+    sizes = SHAPES[shape]
     return (
         "# Tiny random Llama (Andes Serve)\n\n"
         f"Random weights (seed {seed}): the text it generates is meaningless. It exists to run "
         "a real engine (vLLM, transformers) quickly on a CPU, offline.\n\n"
-        f"- {LAYERS} layers, hidden size {HIDDEN_SIZE}, {HEADS} attention heads, "
+        f"- shape {shape}: {sizes.layers} layers, hidden size {sizes.hidden_size}, "
+        f"{sizes.heads} attention heads, "
         f"float32, {MAX_POSITIONS} positions\n"
         f"- vocabulary {vocab_size}: byte-level BPE trained on the Andes Serve tiny corpus, "
         "padded with `<extra_N>` tokens\n\n"
-        f"Rebuild: `andes model tiny --out DIR --seed {seed} --vocab-size {vocab_size}`\n"
+        f"Rebuild: `andes model tiny --out DIR --seed {seed} --vocab-size {vocab_size} "
+        f"--shape {shape}`\n"
     )

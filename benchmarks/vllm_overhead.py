@@ -11,6 +11,10 @@ fixed output lengths), all sent at once so the engine is never idle:
 Output tokens/s of each, their ratio (goal >= 0.9), and where the difference goes: the
 worker's engine time (sum of step durations from its Prometheus metrics) against the run's
 wall time, i.e. how much time the worker spends outside ``engine.step()``.
+
+Two models by default (``andes model tiny --shape``): ``tiny``, whose steps are a few
+milliseconds of framework overhead (every service's per-token CPU competes with it on a small
+machine), and ``small``, whose steps cost compute, as a real model's do on its accelerator.
 Writes benchmarks/results/vllm_overhead.json.
 """
 
@@ -153,9 +157,45 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain and system runs on ``args.model``, interleaved so drift in machine load hits
+    both; their medians, ratio and runs."""
+    plain_runs, system_runs = [], []
+    for _ in range(args.repeats):
+        child = subprocess.run(
+            [sys.executable, __file__, "--plain-only", "--model", args.model,
+             "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+             "--max-batch", str(args.max_batch), "--kv-blocks", str(args.kv_blocks),
+             "--max-batched-tokens", str(args.max_batched_tokens)],
+            check=True, capture_output=True, text=True,
+        )
+        plain_runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        system_runs.append(run_system(args))
+        print(f"  plain {plain_runs[-1]['tok_per_s']:.0f} tok/s, "
+              f"system {system_runs[-1]['tok_per_s']:.0f} tok/s", flush=True)
+    plain = statistics.median(r["tok_per_s"] for r in plain_runs)
+    system = statistics.median(r["tok_per_s"] for r in system_runs)
+    return {
+        "plain_tok_per_s_median": plain,
+        "system_tok_per_s_median": system,
+        "ratio_system_over_plain": system / plain,
+        "ratio_per_repeat": [s["tok_per_s"] / p["tok_per_s"]
+                             for p, s in zip(plain_runs, system_runs, strict=True)],
+        "plain_mean_step_s_median": statistics.median(r["mean_step_s"] for r in plain_runs),
+        "system_mean_step_s_median": statistics.median(r["mean_step_s"] for r in system_runs),
+        "outside_engine_fraction_median": statistics.median(
+            r["outside_engine_fraction"] for r in system_runs),
+        "plain_runs": plain_runs,
+        "system_runs": system_runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="model directory (default: build the tiny model)")
+    parser.add_argument("--model", help="a model directory (default: build the --shapes)")
+    parser.add_argument("--shapes", default="tiny,small",
+                        help="without --model: the `andes model tiny --shape` models to build "
+                             "and measure (default tiny,small)")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=64)
@@ -168,43 +208,36 @@ def main() -> None:
     if args.plain_only:
         print(json.dumps(run_plain(args)))
         return
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        if args.model is None:
+        if args.model is not None:
+            models = {Path(args.model).name: args.model}
+        else:
             from andes.tiny_model import build_tiny_model
 
-            args.model = str(build_tiny_model(Path(scratch) / "tiny"))
-        plain_runs, system_runs = [], []
-        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
-            child = subprocess.run(
-                [sys.executable, __file__, "--plain-only", "--model", args.model,
-                 "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-                 "--max-batch", str(args.max_batch), "--kv-blocks", str(args.kv_blocks),
-                 "--max-batched-tokens", str(args.max_batched_tokens)],
-                check=True, capture_output=True, text=True,
-            )
-            plain_runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-            system_runs.append(run_system(args))
-            print(f"plain {plain_runs[-1]['tok_per_s']:.0f} tok/s, "
-                  f"system {system_runs[-1]['tok_per_s']:.0f} tok/s", flush=True)
-    plain = statistics.median(r["tok_per_s"] for r in plain_runs)
-    system = statistics.median(r["tok_per_s"] for r in system_runs)
+            models = {shape: str(build_tiny_model(Path(scratch) / shape, shape=shape))
+                      for shape in args.shapes.split(",")}
+        for name, model in models.items():
+            print(f"{name}:", flush=True)
+            args.model = model
+            results[name] = measure(args)
     document = {
         "command": "python benchmarks/vllm_overhead.py " + " ".join(sys.argv[1:]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plain_only")},
-        "plain_tok_per_s_median": plain,
-        "system_tok_per_s_median": system,
-        "ratio_system_over_plain": system / plain,
-        "plain_runs": plain_runs,
-        "system_runs": system_runs,
+        "settings": {k: v for k, v in vars(args).items()
+                     if k not in ("json", "plain_only", "model")},
+        "models": results,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")
-    cpu = system_runs[len(system_runs) // 2]["cpu_seconds_by_process"]
-    print("CPU seconds by process during one system run: " + ", ".join(
-        f"{name} {seconds:.1f}" for name, seconds in sorted(cpu.items(), key=lambda x: -x[1])))
-    print(f"system / plain = {system / plain:.3f}  (goal >= 0.9); "
-          f"worker time outside engine.step(): "
-          f"{statistics.median(r['outside_engine_fraction'] for r in system_runs):.1%}")
+    for name, result in results.items():
+        runs = result["system_runs"]
+        cpu = runs[len(runs) // 2]["cpu_seconds_by_process"]
+        print(f"{name}: system / plain = {result['ratio_system_over_plain']:.3f} (goal >= 0.9); "
+              f"steps {result['plain_mean_step_s_median'] * 1e3:.1f} ms alone, "
+              f"{result['system_mean_step_s_median'] * 1e3:.1f} ms in the system; "
+              f"worker time outside engine.step(): "
+              f"{result['outside_engine_fraction_median']:.1%}; CPU seconds in one run: "
+              + ", ".join(f"{n} {sec:.1f}" for n, sec in sorted(cpu.items(), key=lambda x: -x[1])))
 
 
 if __name__ == "__main__":

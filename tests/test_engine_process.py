@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from andes.policies.base import State
+from andes.v1 import generation_pb2
 from worker.engine import PlanSpec, RequestSpec
 from worker.engine_process import EngineDiedError, EngineProcess
 from worker.service import WorkerConfig, build_engine
@@ -73,9 +74,80 @@ def test_progress_after_a_change_asks_the_child(engine: EngineProcess) -> None:
 def test_an_engine_error_reaches_the_caller_and_the_engine_goes_on(
         engine: EngineProcess) -> None:
     with pytest.raises(TypeError):
-        engine.step("not a time")  # type: ignore[arg-type]
+        engine.cancel(5)  # type: ignore[arg-type]
+    engine.apply(PlanSpec(version=1, admit=5))  # type: ignore[arg-type]  # logged, skipped
     assert engine.add(_spec("a")) == []
     assert engine.holds("a")
+
+
+def _ahead_computed() -> None:
+    """Give the child time to compute its next step (the sim backend's are instant)."""
+    time.sleep(0.3)
+
+
+def test_the_child_runs_ahead_and_its_progress_matches_the_engine(
+        engine: EngineProcess) -> None:
+    """Step by step, the proxy's held requests (sent as changes) are the engine's own."""
+    local = build_engine(_config())
+    plan = PlanSpec(version=1, admit=("a", "b", "c"))
+    for name, tokens in (("a", 3), ("b", 6), ("c", 9)):
+        assert engine.add(_spec(name, tokens)) == local.add(_spec(name, tokens)) == []
+    engine.apply(plan)
+    local.apply(plan)
+    steps = 0
+    while engine.has_work():
+        outcome, expected = engine.step(time.time()), local.step(time.time())
+        _ahead_computed()
+        assert outcome.tokens == expected.tokens and outcome.finished == expected.finished
+        assert engine.progress() == local.progress()
+        steps += 1
+    assert steps == 9 and not local.has_work() and engine.progress() == []
+
+
+def test_a_cancel_takes_the_request_out_of_the_step_computed_ahead(
+        engine: EngineProcess) -> None:
+    """The worker ends a cancelled stream at once: no token of it may come after."""
+    engine.add(_spec("a", 10))
+    engine.add(_spec("b", 10))
+    engine.apply(PlanSpec(version=1, admit=("a", "b")))
+    first = engine.step(time.time())
+    assert {run.request_id for run in first.tokens} == {"a", "b"}
+    _ahead_computed()  # the second step is done, with a token of "a" the worker has not got
+    cancelled = engine.cancel(("a",))
+    assert [(f.request_id, f.generated_tokens) for f in cancelled] == [("a", 1)]
+    assert [p.request_id for p in engine.progress()] == ["b"]
+    second = engine.step(time.time())
+    assert [(run.request_id, run.index) for run in second.tokens] == [("b", 1)]
+
+
+def test_a_request_that_ended_in_the_step_ahead_is_cancelled_whole(
+        engine: EngineProcess) -> None:
+    engine.add(_spec("a", 2))
+    engine.apply(PlanSpec(version=1, admit=("a",)))
+    assert [run.index for run in engine.step(time.time()).tokens] == [0]
+    _ahead_computed()  # the step ahead made the last token and finished "a"
+    cancelled = engine.cancel(("a",))
+    assert [(f.request_id, f.reason, f.generated_tokens) for f in cancelled] == [
+        ("a", generation_pb2.FINISH_REASON_CANCELLED, 1)]
+    assert not engine.holds("a")
+    while engine.has_work():
+        outcome = engine.step(time.time())
+        assert not outcome.tokens and not outcome.finished
+
+
+def test_a_plan_that_leaves_nothing_to_compute_does_not_hang_a_step(
+        engine: EngineProcess) -> None:
+    engine.add(_spec("a", 50))
+    engine.apply(PlanSpec(version=1, admit=("a",)))
+    engine.step(time.time())
+    engine.apply(PlanSpec(version=2, preempt=("a",)))
+    assert engine.has_work()  # as far as the worker knows: the plan may have made work
+    steps = 0
+    while engine.has_work():
+        engine.step(time.time())
+        steps += 1
+    assert steps <= 2  # the step computed before the plan came, then nothing
+    assert {p.request_id: p.state for p in engine.progress()} == {"a": State.PREEMPTED}
 
 
 def test_a_dead_child_fails_every_call(engine: EngineProcess) -> None:

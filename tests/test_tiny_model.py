@@ -170,3 +170,16 @@ def test_gateway_counts_and_renders_with_the_model_tokenizer(tiny_model: str) ->
         tokenize=False, add_generation_prompt=True)
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         ModelTokenizer("/nonexistent/model")
+
+
+def test_the_small_shape_is_a_bigger_model_with_the_same_tokenizer(
+        model_dir: Path, tmp_path: Path) -> None:
+    small = build_tiny_model(tmp_path / "small", seed=0, shape="small")
+    config, tiny_config = LlamaConfig.from_pretrained(small), LlamaConfig.from_pretrained(model_dir)
+    shape = (config.num_hidden_layers, config.hidden_size, config.num_attention_heads)
+    assert shape == (4, 512, 16)
+    assert config.vocab_size == tiny_config.vocab_size
+    assert (small / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    assert "--shape small" in (small / "README.md").read_text()
+    with pytest.raises(ValueError, match="shape must be one of tiny, small"):
+        build_tiny_model(tmp_path / "huge", shape="huge")

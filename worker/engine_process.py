@@ -1,19 +1,40 @@
 """A blocking engine in a process of its own, behind the same :class:`~worker.engine.Engine`.
 
-Why: Python runs one thread at a time per process (the GIL). A real engine's step is mostly
-Python around short kernels that release the GIL, so an engine sharing its process with the
-worker's asyncio thread (publishing to Redis, step reports, plans) waits for the GIL at every
-kernel boundary: on the CPU build with a small model its steps ran about 1.5x slower, and the
-worker's I/O slowed the engine exactly when it mattered. vLLM's own server splits the same way
-(its engine core runs in a process of its own). Here the child owns the engine and the worker
-keeps the I/O; they exchange one pickled message per engine call over a pipe.
+Why a process: Python runs one thread at a time per process (the GIL). A real engine's step
+is mostly Python around short kernels that release the GIL, so an engine sharing its process
+with the worker's asyncio thread (publishing to Redis, step reports, plans) waits for the GIL
+at every kernel boundary: on the CPU build with a small model its steps ran about 1.5x slower,
+and the worker's I/O slowed the engine exactly when it mattered. vLLM's own server splits the
+same way (its engine core runs in a process of its own).
 
-Protocol: the parent sends ``(method, args)``; the child answers ``(ok, value, state)`` where
-``state`` is the engine's ``has_work()``, ``kv_blocks_free`` and, after a ``step``, its
-``progress()``: the loop reads them after every call, so the proxy answers those from the last
-reply without another round trip. A child that fails to start sends the exception instead of
-its facts. When the pipe breaks (the child died) every call raises :class:`EngineDiedError`; when
-the parent dies the child's next read ends and it exits.
+Why the child runs ahead: an engine that waits for its worker between steps idles while the
+worker takes the last step's outcome in and decides the next one (a pipe hop each way, a
+thread hop, the event loop's turn). The child therefore computes the next step as soon as it
+has answered for the last one, and holds its outcome until the worker asks: while the worker
+publishes step N's tokens, the engine computes step N+1. It runs at most one step ahead, so a
+worker that stops asking (Redis is backlogged) stops the engine after one step. Everything the
+worker sends is taken in at the next iteration boundary, as before: a plan applies to the step
+after the one being computed, a cancel frees KV before the next step starts.
+
+Protocol (one pickled tuple per message, each answer after the messages before it):
+
+* ``("call", method, args)`` for ``add``, ``cancel`` and ``progress``: answered with
+  ``("reply", ok, value, None, state)`` once the step being computed (if any) is done;
+* ``("apply", plan)``: not answered, so the worker never waits for a step to end to hand over
+  a plan; a plan the engine cannot apply is logged by the child, which goes on with the last
+  one (a bug, but not a reason to stop serving);
+* ``("step",)``: answered with the outcome computed ahead (or computed now, if none was), as
+  ``("step", ok, outcome, (changed, removed), state)``, or ``("idle", True, None, None,
+  state)`` when there is nothing to compute (a plan paused everything meanwhile).
+
+``state`` is the engine's ``has_work()`` and ``kv_blocks_free`` when the answer leaves, so the
+proxy answers those without a round trip. A step's answer carries the held requests that
+changed since the worker last heard of them, as they are when it leaves (a plan taken in
+after the step shows): all of them after every step of a thousand held requests would cost
+more to pickle than the step. A request cancelled while its step was computed ahead
+leaves that outcome before it is sent: its cancel answer counts only the tokens the worker
+got. When the pipe breaks (the child died) every call raises :class:`EngineDiedError`; when the
+parent dies the child's next read ends and it exits.
 """
 
 from __future__ import annotations
@@ -22,12 +43,15 @@ import logging
 import multiprocessing
 import os
 import pickle
+import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
 from andes.latency import LatencyProfile
+from andes.v1 import generation_pb2
 from worker.engine import Engine, Finished, PlanSpec, Progress, RequestSpec, StepOutcome
 
 log = logging.getLogger(__name__)
@@ -55,8 +79,6 @@ class _Facts:
 class _State:
     has_work: bool
     kv_blocks_free: int
-    progress: list[Progress] | None
-    """After a step: the held requests (None: ask)."""
 
 
 class EngineProcess:
@@ -94,23 +116,35 @@ class EngineProcess:
         self.profile = facts.profile
         self.needs_payload = facts.needs_payload
         self._state: _State = state
+        self._plan_sent = False
+        """A plan went out since the last answer: the engine may have work now."""
         self._held: set[str] = set()
         """The requests the engine holds, followed from the calls' answers, so ``holds``
         (asked before every assignment) costs no round trip."""
+        self._progress: dict[str, Progress] = {}
+        """The held requests as of the last step's answer (or ``progress`` call)."""
+        self._progress_current = False
+        """Nothing was added, cancelled or planned since ``_progress`` was taken."""
 
     @property
     def pid(self) -> int | None:
         return self._process.pid
 
-    def _request(self, method: str, *args: Any) -> Any:
+    def _exchange(self, message: tuple[Any, ...]) -> tuple[str, bool, Any, Any]:
         try:
-            self._conn.send((method, args))
-            ok, value, state = self._conn.recv()
+            self._conn.send(message)
+            kind, ok, value, extra, state = self._conn.recv()
         except (EOFError, OSError) as err:
             raise EngineDiedError(
                 f"the engine process died (exit code {self._process.exitcode})"
             ) from err
         self._state = state
+        self._plan_sent = False
+        return kind, ok, value, extra
+
+    def _call(self, method: str, *args: Any) -> Any:
+        self._progress_current = False
+        _, ok, value, _ = self._exchange(("call", method, args))
         if not ok:
             raise value
         return value
@@ -122,10 +156,10 @@ class EngineProcess:
         return self._state.kv_blocks_free
 
     def has_work(self) -> bool:
-        return self._state.has_work
+        return self._state.has_work or self._plan_sent
 
     def add(self, spec: RequestSpec) -> list[Finished]:
-        result: list[Finished] = self._request("add", spec)
+        result: list[Finished] = self._call("add", spec)
         if not any(done.request_id == spec.request_id for done in result):
             self._held.add(spec.request_id)
         return result
@@ -134,23 +168,45 @@ class EngineProcess:
         return request_id in self._held
 
     def apply(self, plan: PlanSpec) -> None:
-        self._request("apply", plan)
+        try:
+            self._conn.send(("apply", plan))
+        except OSError as err:
+            raise EngineDiedError(
+                f"the engine process died (exit code {self._process.exitcode})"
+            ) from err
+        self._plan_sent = True
+        self._progress_current = False
 
     def step(self, now_s: float) -> StepOutcome:
-        outcome: StepOutcome = self._request("step", now_s)
+        """The engine's next step: usually computed while the caller handled the last one."""
+        kind, ok, value, extra = self._exchange(("step",))
+        if kind == "idle":
+            return StepOutcome(start_s=now_s, duration_s=0.0)
+        if not ok:
+            raise value
+        outcome: StepOutcome = value
+        changed, removed = extra
+        for request_id in removed:
+            self._progress.pop(request_id, None)
+        for progress in changed:
+            self._progress[progress.request_id] = progress
+        self._progress_current = True
         self._held.difference_update(done.request_id for done in outcome.finished)
         return outcome
 
     def cancel(self, request_ids: tuple[str, ...]) -> list[Finished]:
-        result: list[Finished] = self._request("cancel", request_ids)
+        result: list[Finished] = self._call("cancel", request_ids)
         self._held.difference_update(request_ids)
+        for request_id in request_ids:
+            self._progress.pop(request_id, None)
         return result
 
     def progress(self) -> list[Progress]:
-        if self._state.progress is not None:  # as of the step just taken: nothing since
-            return self._state.progress
-        result: list[Progress] = self._request("progress")
-        return result
+        if not self._progress_current:
+            held: list[Progress] = self._call("progress")
+            self._progress = {p.request_id: p for p in held}
+            self._progress_current = True
+        return list(self._progress.values())
 
     def close(self) -> None:
         """Stop the child (it exits when its pipe closes; killed if it does not)."""
@@ -161,11 +217,11 @@ class EngineProcess:
             self._process.join()
 
 
-_METHODS = frozenset({"add", "apply", "step", "cancel", "progress"})
+_CALLS = frozenset({"add", "cancel", "progress"})
 
 
 def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection) -> None:
-    """The child: build the engine, then answer calls until the parent goes away."""
+    """The child: build the engine, then serve the parent until it goes away."""
     logging.basicConfig(
         level=os.environ.get("ANDES_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
@@ -173,37 +229,149 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection) -> Non
     try:
         engine = build(config)
     except BaseException as err:  # reported to the parent, which stops the worker
-        _send(conn, (False, err, None))
+        _send_start_failure(conn, err)
         return
     facts = _Facts(engine.backend, engine.model, engine.profile, engine.needs_payload)
-    conn.send((True, facts, _State(engine.has_work(), engine.kv_blocks_free, None)))
-    while True:
-        try:
-            method, args = conn.recv()
-        except (EOFError, OSError):
-            return  # the worker is gone
-        progress = None
-        try:
-            if method not in _METHODS:
-                raise ValueError(f"not an engine method: {method!r}")
-            value = getattr(engine, method)(*args)
-            if method == "step":
-                progress = engine.progress()
-            reply = (True, value, _State(engine.has_work(), engine.kv_blocks_free, progress))
-        except Exception as err:
-            reply = (False, err, _State(engine.has_work(), engine.kv_blocks_free, None))
-        try:
-            _send(conn, reply)
-        except (EOFError, OSError):
-            return
-
-
-def _send(conn: Connection, reply: tuple[bool, Any, _State | None]) -> None:
-    """Send a reply; an exception that does not pickle goes as a RuntimeError with its text."""
+    conn.send((True, facts, _State(engine.has_work(), engine.kv_blocks_free)))
     try:
-        conn.send(reply)
+        _EngineCore(engine, conn).run()
+    except (EOFError, OSError):
+        return  # the worker is gone
+
+
+@dataclass
+class _Ahead:
+    """A step computed before the worker asked for it."""
+
+    outcome: StepOutcome | None
+    error: Exception | None = None
+    held: list[Progress] = field(default_factory=list)
+    """The held requests right after the step."""
+    changed_since: bool = False
+    """A message changed the engine after the step (``held`` must be taken again)."""
+
+
+class _EngineCore:
+    """The child's loop: take in every message that waits, then compute a step if the engine
+    has work and none is waiting to be sent; block only when there is nothing to compute."""
+
+    def __init__(self, engine: Engine, conn: Connection) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.ahead: _Ahead | None = None
+        self.step_wanted = False
+        self.progress_sent: dict[str, Progress] = {}
+        """The held requests as the worker knows them once it has read every answer sent."""
+
+    def run(self) -> None:
+        while True:
+            can_compute = self.ahead is None and self.engine.has_work()
+            if self.conn.poll(0 if self.step_wanted or can_compute else None):
+                self.take(self.conn.recv())
+                continue
+            if can_compute:
+                self.ahead = self.compute()
+            if self.step_wanted:
+                self.answer_step()
+
+    def state(self) -> _State:
+        return _State(self.engine.has_work(), self.engine.kv_blocks_free)
+
+    def compute(self) -> _Ahead:
+        try:
+            return _Ahead(self.engine.step(time.time()), None, self.engine.progress())
+        except Exception as err:
+            return _Ahead(None, err)
+
+    def answer_step(self) -> None:
+        ahead, self.ahead, self.step_wanted = self.ahead, None, False
+        if ahead is None:
+            self.send(("idle", True, None, None, self.state()))
+            return
+        if ahead.outcome is None:
+            self.send(("step", False, ahead.error, None, self.state()))
+            return
+        # The held requests as they are now: a plan taken in after the step shows.
+        held = self.engine.progress() if ahead.changed_since else ahead.held
+        now = {p.request_id: p for p in held}
+        sent = self.progress_sent
+        changed = [p for rid, p in now.items() if sent.get(rid) != p]
+        removed = [rid for rid in sent if rid not in now]
+        self.progress_sent = now
+        self.send(("step", True, ahead.outcome, (changed, removed), self.state()))
+
+    def take(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind != "step" and self.ahead is not None:
+            self.ahead.changed_since = True
+        if kind == "step":
+            self.step_wanted = True
+        elif kind == "apply":
+            try:
+                self.engine.apply(message[1])
+            except Exception:
+                log.exception("the engine could not apply plan %s", message[1])
+        elif kind == "call":
+            self.answer_call(message[1], message[2])
+        else:
+            log.error("unknown message %r", kind)
+
+    def answer_call(self, method: str, args: tuple[Any, ...]) -> None:
+        try:
+            if method not in _CALLS:
+                raise ValueError(f"not an engine call: {method!r}")
+            value = getattr(self.engine, method)(*args)
+            if method == "cancel":
+                value = self.cancelled(tuple(args[0]), value)
+            elif method == "progress":
+                self.progress_sent = {p.request_id: p for p in value}
+            reply = ("reply", True, value, None, self.state())
+        except Exception as err:
+            reply = ("reply", False, err, None, self.state())
+        self.send(reply)
+
+    def cancelled(self, request_ids: tuple[str, ...], result: list[Finished]
+                  ) -> list[Finished]:
+        """The cancel's answer, with the cancelled requests taken out of the step computed
+        ahead: the worker ends their streams now and must not get tokens after that."""
+        gone = set(request_ids)
+        for request_id in gone:
+            self.progress_sent.pop(request_id, None)
+        ahead = self.ahead
+        if ahead is None or ahead.outcome is None:
+            return result
+        outcome = ahead.outcome
+        unsent: Counter[str] = Counter()
+        for run in outcome.tokens:
+            if run.request_id in gone:
+                unsent[run.request_id] += len(run.token_ids)
+        outcome.tokens = [run for run in outcome.tokens if run.request_id not in gone]
+        # Finished in the step ahead, which the worker has not seen: cancelled for it.
+        result = result + [
+            Finished(done.request_id, generation_pb2.FINISH_REASON_CANCELLED,
+                     done.generated_tokens)
+            for done in outcome.finished if done.request_id in gone
+        ]
+        outcome.finished = [f for f in outcome.finished if f.request_id not in gone]
+        outcome.forced_preemptions = [r for r in outcome.forced_preemptions if r not in gone]
+        return [replace(done, generated_tokens=done.generated_tokens - unsent[done.request_id])
+                for done in result]
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Send an answer; an exception that does not pickle goes as a RuntimeError with its
+        text."""
+        try:
+            self.conn.send(message)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            kind, ok, value, extra, state = message
+            if ok:
+                raise
+            self.conn.send((kind, False, RuntimeError(f"{type(value).__name__}: {value}"),
+                            extra, state))
+
+
+def _send_start_failure(conn: Connection, err: BaseException) -> None:
+    try:
+        conn.send((False, err, None))
     except (pickle.PicklingError, TypeError, AttributeError):
-        ok, value, state = reply
-        if ok:
-            raise
-        conn.send((False, RuntimeError(f"{type(value).__name__}: {value}"), state))
+        conn.send((False, RuntimeError(f"{type(err).__name__}: {err}"), None))
