@@ -93,7 +93,9 @@ def run_ours(model: str, policy: str, out: Path, args: argparse.Namespace) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="model directory (default: build the tiny model)")
+    parser.add_argument("--model", help="model directory (default: build the --shape model)")
+    parser.add_argument("--shape", default="tiny", choices=("tiny", "small"),
+                        help="without --model: the `andes model tiny --shape` to build")
     parser.add_argument("--rate", type=float, default=6.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--arrival", default="burst:2,0.35,20")
@@ -106,7 +108,7 @@ def main() -> None:
         if model is None:
             from andes.tiny_model import build_tiny_model
 
-            model = str(build_tiny_model(Path(scratch) / "tiny"))
+            model = str(build_tiny_model(Path(scratch) / args.shape, shape=args.shape))
         files = {name: args.out / f"{name}.json" for name in ("vllm", "fcfs", "andes")}
         run_stock(model, files["vllm"], args, Path(scratch) / "vllm-serve.log")
         run_ours(model, "fcfs", files["fcfs"], args)
