@@ -80,13 +80,17 @@ def run_stock(model: str, out: Path, args: argparse.Namespace, log: Path) -> Non
 
 
 def run_ours(model: str, policy: str, out: Path, args: argparse.Namespace) -> None:
+    scheduler_args: tuple[str, ...] = ()
+    if policy == "andes" and args.max_preemptions is not None:
+        scheduler_args = ("--max-preemptions", str(args.max_preemptions))
     worker_args = ["--kv-blocks", str(KV_BLOCKS), "--max-batch", ENGINE["max-num-seqs"],
                    "--max-batched-tokens", ENGINE["max-num-batched-tokens"],
                    "--dtype", ENGINE["dtype"], "--max-model-len", ENGINE["max-model-len"],
                    "--block-size", ENGINE["block-size"]]
     config = ClusterConfig(backend="vllm", model=model, workers=1, policy=policy,
                            gateway_port=free_port(), scheduler_port=free_port(),
-                           http_port=free_port(), worker_args=tuple(worker_args))
+                           http_port=free_port(), worker_args=tuple(worker_args),
+                           scheduler_args=scheduler_args)
     with LocalCluster(config) as cluster:
         loadgen(f"http://{cluster.http_addr}/v1", out, args)
 
@@ -100,6 +104,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--arrival", default="burst:2,0.35,20")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--max-preemptions", type=int,
+                        help="andes: planned preemptions per request (default: the policy's, 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +124,7 @@ def main() -> None:
     rows = {name: json.loads(path.read_text())["results"][0] for name, path in files.items()}
     stock, andes = rows["vllm"], rows["andes"]
     summary = {
+        "command": "python benchmarks/vs_vllm.py " + " ".join(sys.argv[1:]),
         "avg_qoe": {name: row["avg_qoe"] for name, row in rows.items()},
         "throughput_tok_s": {name: row["throughput_tok_s"] for name, row in rows.items()},
         "andes_over_stock_avg_qoe": andes["avg_qoe"] / stock["avg_qoe"],

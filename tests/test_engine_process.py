@@ -135,6 +135,16 @@ def test_a_request_that_ended_in_the_step_ahead_is_cancelled_whole(
         assert not outcome.tokens and not outcome.finished
 
 
+def test_a_step_asked_of_an_engine_without_work_is_idle(engine: EngineProcess) -> None:
+    engine.add(_spec("a"))
+    assert not engine.has_work()  # held, not admitted
+    engine.apply(PlanSpec(version=1))  # admits nothing
+    assert engine.has_work()  # as far as the worker knows
+    outcome = engine.step(time.time())
+    assert outcome.idle and not outcome.tokens and outcome.duration_s == 0.0
+    assert not engine.has_work()
+
+
 def test_a_plan_that_leaves_nothing_to_compute_does_not_hang_a_step(
         engine: EngineProcess) -> None:
     engine.add(_spec("a", 50))

@@ -98,6 +98,9 @@ class StepOutcome:
     """Requests the engine preempted by itself because KV ran out."""
     scheduled_tokens: int = 0
     """Tokens the iteration computed (prefill chunks plus one per decoding request)."""
+    idle: bool = False
+    """No iteration ran: the engine had nothing to compute when asked (an engine in another
+    process can be asked just as a plan left it without work)."""
 
 
 class Engine(Protocol):

@@ -181,7 +181,7 @@ class EngineProcess:
         """The engine's next step: usually computed while the caller handled the last one."""
         kind, ok, value, extra = self._exchange(("step",))
         if kind == "idle":
-            return StepOutcome(start_s=now_s, duration_s=0.0)
+            return StepOutcome(start_s=now_s, duration_s=0.0, idle=True)
         if not ok:
             raise value
         outcome: StepOutcome = value

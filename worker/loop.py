@@ -386,7 +386,8 @@ class WorkerLoop:
             outcome, self._progress = await step
             self._assigned.clear()
         # Only now: the publisher must not take tokens while a flush is on its way.
-        self._absorb(outcome, outcome.start_s, outcome.duration_s)
+        if not outcome.idle:
+            self._absorb(outcome, outcome.start_s, outcome.duration_s)
         if not self._has_work:  # nothing to overlap the last tokens with
             published = await self._publish(force=True) or published
         return published
