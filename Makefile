@@ -64,8 +64,10 @@ bench: $(STAMP)
 
 # The real engine's benchmarks (a few minutes each; CPU build on a CPU machine).
 bench-vllm: $(VLLM_STAMP) redis
-	$(PY) benchmarks/vllm_overhead.py --repeats 3
-	$(PY) benchmarks/vs_vllm.py
+	$(PY) benchmarks/vllm_overhead.py --repeats 5
+	$(PY) benchmarks/vs_vllm.py --rate 12
+	$(PY) benchmarks/vs_vllm.py --shape small --rate 10 --max-preemptions 4 \
+		--out benchmarks/results/vs_vllm_small
 
 # Failures on purpose: `chaos` is the long version of tests/chaos/ (`make test` runs it short);
 # `soak` runs 10 minutes at 80% of capacity with a worker killed every minute

@@ -70,20 +70,24 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
         engine.add_request(f"plain-{i}", engine.renderer.render_cmpl(
             [{"prompt_token_ids": ids}])[0], params)
     tokens = steps = 0
+    first_token = 0.0
     while engine.has_unfinished_requests():
         for output in engine.step():
+            if not first_token and output.outputs[0].token_ids:
+                first_token = time.perf_counter() - started
             if output.finished:
                 tokens += len(output.outputs[0].token_ids)
         steps += 1
     elapsed = time.perf_counter() - started
     return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
-            "steps": steps, "mean_step_s": elapsed / steps}
+            "steps": steps, "mean_step_s": elapsed / steps, "first_token_s": first_token}
 
 
 async def _drive(target: str, args: argparse.Namespace) -> dict[str, Any]:
     channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
     stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
     last_token = [0.0]
+    first_token = [0.0]
 
     async def one(i: int, ids: list[int]) -> int:
         request = generation_pb2.GenerateRequest(
@@ -96,6 +100,8 @@ async def _drive(target: str, args: argparse.Namespace) -> dict[str, Any]:
         async for message in stubs[i % len(stubs)].Generate(request, timeout=600):
             count += len(message.token_ids)
             last_token[0] = time.perf_counter()
+            if not first_token[0]:
+                first_token[0] = last_token[0]
         return count
 
     started = time.perf_counter()
@@ -104,7 +110,8 @@ async def _drive(target: str, args: argparse.Namespace) -> dict[str, Any]:
     for channel in channels:
         await channel.close()
     tokens = sum(counts)
-    return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+            "first_token_s": first_token[0] - started}
 
 
 def _scrape(port: int) -> dict[str, float]:
