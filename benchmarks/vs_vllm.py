@@ -67,7 +67,7 @@ def run_stock(model: str, out: Path, args: argparse.Namespace, log: Path) -> Non
             # wheel looks itself up under the GPU wheel's name and fails).
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
              "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
-             f"--num-gpu-blocks-override={KV_BLOCKS + 1}", "--enforce-eager",
+             f"--num-gpu-blocks-override={args.kv_blocks + 1}", "--enforce-eager",
              "--served-model-name", "tiny", *flags],
             stdout=sink, stderr=subprocess.STDOUT, env=env,
         )
@@ -83,7 +83,7 @@ def run_ours(model: str, policy: str, out: Path, args: argparse.Namespace) -> No
     scheduler_args: tuple[str, ...] = ()
     if policy == "andes" and args.max_preemptions is not None:
         scheduler_args = ("--max-preemptions", str(args.max_preemptions))
-    worker_args = ["--kv-blocks", str(KV_BLOCKS), "--max-batch", ENGINE["max-num-seqs"],
+    worker_args = ["--kv-blocks", str(args.kv_blocks), "--max-batch", ENGINE["max-num-seqs"],
                    "--max-batched-tokens", ENGINE["max-num-batched-tokens"],
                    "--dtype", ENGINE["dtype"], "--max-model-len", ENGINE["max-model-len"],
                    "--block-size", ENGINE["block-size"]]
@@ -104,6 +104,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--arrival", default="burst:2,0.35,20")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--kv-blocks", type=int, default=KV_BLOCKS,
+                        help=f"KV budget of every engine, in blocks of {VLLM_BLOCK_SIZE} tokens "
+                             f"(default {KV_BLOCKS})")
     parser.add_argument("--max-preemptions", type=int,
                         help="andes: planned preemptions per request (default: the policy's, 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
