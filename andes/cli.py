@@ -215,7 +215,7 @@ def _add_demo(commands: Subcommands) -> None:
     demo.add_argument("--duration", type=positive(float), default=30.0,
                       help="seconds of arrivals (default 30; the drain takes longer)")
     demo.add_argument("--rate", type=positive(float),
-                      help="average requests/s (default 8; 6 with --backend vllm)")
+                      help="average requests/s (default 8; 12 with --backend vllm)")
     demo.add_argument("--backend", choices=("sim", "vllm"), default="sim",
                       help="sim: two emulated A100s; vllm: one real vLLM engine on the tiny "
                            "model (built on the fly unless --model is given)")
@@ -235,7 +235,7 @@ def _demo(args: argparse.Namespace) -> int:
                 from andes.tiny_model import build_tiny_model
 
                 model = build_tiny_model(Path(scratch) / "tiny-llama")
-            config = vllm_demo_config(str(model), args.rate or 6.0, args.duration)
+            config = vllm_demo_config(str(model), args.rate or 12.0, args.duration)
             what = (f"One vLLM engine (CPU) serving a tiny random Llama with {config.kv_blocks} "
                     f"KV blocks of 32 tokens")
         else:
