@@ -131,16 +131,23 @@ class EngineProcess:
         return self._process.pid
 
     def _exchange(self, message: tuple[Any, ...]) -> tuple[str, bool, Any, Any]:
+        self._send(message)
         try:
-            self._conn.send(message)
             kind, ok, value, extra, state = self._conn.recv()
         except (EOFError, OSError) as err:
-            raise EngineDiedError(
-                f"the engine process died (exit code {self._process.exitcode})"
-            ) from err
+            raise self._died() from err
         self._state = state
         self._plan_sent = False
         return kind, ok, value, extra
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            self._conn.send(message)
+        except OSError as err:
+            raise self._died() from err
+
+    def _died(self) -> EngineDiedError:
+        return EngineDiedError(f"the engine process died (exit code {self._process.exitcode})")
 
     def _call(self, method: str, *args: Any) -> Any:
         self._progress_current = False
@@ -168,12 +175,7 @@ class EngineProcess:
         return request_id in self._held
 
     def apply(self, plan: PlanSpec) -> None:
-        try:
-            self._conn.send(("apply", plan))
-        except OSError as err:
-            raise EngineDiedError(
-                f"the engine process died (exit code {self._process.exitcode})"
-            ) from err
+        self._send(("apply", plan))
         self._plan_sent = True
         self._progress_current = False
 
@@ -229,7 +231,7 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection) -> Non
     try:
         engine = build(config)
     except BaseException as err:  # reported to the parent, which stops the worker
-        _send_start_failure(conn, err)
+        conn.send((False, _picklable(err), None))
         return
     facts = _Facts(engine.backend, engine.model, engine.profile, engine.needs_payload)
     conn.send((True, facts, _State(engine.has_work(), engine.kv_blocks_free)))
@@ -244,11 +246,12 @@ class _Ahead:
     """A step computed before the worker asked for it."""
 
     outcome: StepOutcome | None
-    error: Exception | None = None
+    error: BaseException | None = None
     held: list[Progress] = field(default_factory=list)
     """The held requests right after the step."""
     changed_since: bool = False
-    """A message changed the engine after the step (``held`` must be taken again)."""
+    """A message came after the step: it may have changed the engine or what the worker
+    knows of it (``held`` must be taken again)."""
 
 
 class _EngineCore:
@@ -281,15 +284,15 @@ class _EngineCore:
         try:
             return _Ahead(self.engine.step(time.time()), None, self.engine.progress())
         except Exception as err:
-            return _Ahead(None, err)
+            return _Ahead(None, _picklable(err))
 
     def answer_step(self) -> None:
         ahead, self.ahead, self.step_wanted = self.ahead, None, False
         if ahead is None:
-            self.send(("idle", True, None, None, self.state()))
+            self.conn.send(("idle", True, None, None, self.state()))
             return
         if ahead.outcome is None:
-            self.send(("step", False, ahead.error, None, self.state()))
+            self.conn.send(("step", False, ahead.error, None, self.state()))
             return
         # The held requests as they are now: a plan taken in after the step shows.
         held = self.engine.progress() if ahead.changed_since else ahead.held
@@ -298,7 +301,7 @@ class _EngineCore:
         changed = [p for rid, p in now.items() if sent.get(rid) != p]
         removed = [rid for rid in sent if rid not in now]
         self.progress_sent = now
-        self.send(("step", True, ahead.outcome, (changed, removed), self.state()))
+        self.conn.send(("step", True, ahead.outcome, (changed, removed), self.state()))
 
     def take(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -327,8 +330,8 @@ class _EngineCore:
                 self.progress_sent = {p.request_id: p for p in value}
             reply = ("reply", True, value, None, self.state())
         except Exception as err:
-            reply = ("reply", False, err, None, self.state())
-        self.send(reply)
+            reply = ("reply", False, _picklable(err), None, self.state())
+        self.conn.send(reply)
 
     def cancelled(self, request_ids: tuple[str, ...], result: list[Finished]
                   ) -> list[Finished]:
@@ -357,21 +360,12 @@ class _EngineCore:
         return [replace(done, generated_tokens=done.generated_tokens - unsent[done.request_id])
                 for done in result]
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        """Send an answer; an exception that does not pickle goes as a RuntimeError with its
-        text."""
-        try:
-            self.conn.send(message)
-        except (pickle.PicklingError, TypeError, AttributeError):
-            kind, ok, value, extra, state = message
-            if ok:
-                raise
-            self.conn.send((kind, False, RuntimeError(f"{type(value).__name__}: {value}"),
-                            extra, state))
 
-
-def _send_start_failure(conn: Connection, err: BaseException) -> None:
+def _picklable(err: BaseException) -> BaseException:
+    """``err``, or a RuntimeError with its text if it does not pickle (it has to cross the
+    pipe)."""
     try:
-        conn.send((False, err, None))
+        pickle.dumps(err)
     except (pickle.PicklingError, TypeError, AttributeError):
-        conn.send((False, RuntimeError(f"{type(err).__name__}: {err}"), None))
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err
