@@ -42,7 +42,9 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+import uvloop
 
+from andes.heap import settle_heap
 from andes.tokenstream import DEFAULT_PREFIX, stream_key
 from andes.up import ClusterConfig, LocalCluster, free_port
 from andes.workload import Workload
@@ -316,7 +318,8 @@ def main() -> None:
         t0 = time.time()
         workload = burst(args.streams, args.prompt_tokens, args.output_tokens, args.tds,
                          args.trickle_rate, args.trickle_s, args.trickle_tokens)
-        driven, loop_lag = asyncio.run(
+        settle_heap()  # as andes-loadgen does before a run
+        driven, loop_lag = uvloop.run(
             drive(cluster.gateway_addr, workload, args.channels, f"dl{int(t0)}")
         )
         streams, send_lag = driven.records, driven.send_lag_s

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import uvloop
 
+from andes.heap import settle_heap
 from gateway.config import GatewayConfig, parse_config
 from gateway.server import Gateway, StartupError
 
@@ -38,6 +39,7 @@ async def serve(config: GatewayConfig) -> int:
         print(f"gateway: error: {err}", file=sys.stderr)
         await gateway.stop()
         return 1
+    settle_heap()
     print(f"READY gateway {address}", flush=True)
     if gateway.http_address:
         print(f"READY http {gateway.http_address}", flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import importlib
 import os
 import secrets
@@ -31,6 +30,7 @@ import uvloop
 
 from andes import __version__
 from andes.argtypes import checked, positive
+from andes.heap import settle_heap
 from andes.workload import (
     TraceLengths,
     Workload,
@@ -230,12 +230,11 @@ def _execute(args: argparse.Namespace, command: str, rates: list[float | None]) 
 
 
 def _settle_heap(target: Target) -> None:
-    """Import the transport, then freeze the heap built so far: the garbage collector's full
-    collections then traverse only what the run creates, and stay short (a collection stalls
-    the event loop, and a stalled loop sends late)."""
+    """Import the transport, then settle the heap (:mod:`andes.heap`): the garbage collector
+    then traverses only what the run creates, and seldom (a collection stalls the event loop,
+    and a stalled loop sends late)."""
     importlib.import_module("loadgen.driver" if target.kind == "grpc" else "loadgen.http_driver")
-    gc.collect()
-    gc.freeze()
+    settle_heap()
 
 
 async def _run_all(args: argparse.Namespace, workloads: list[tuple[float | None, Workload]],

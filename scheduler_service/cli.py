@@ -16,6 +16,7 @@ import sys
 import uvloop
 from prometheus_client import start_http_server
 
+from andes.heap import settle_heap
 from andes.policies import POLICY_NAMES, AndesPolicy, make_policy
 from andes.tls import ServerCredentials, ServerTls, TlsError
 from scheduler_service.scheduler import Scheduler
@@ -99,6 +100,7 @@ async def _main(args: argparse.Namespace, credentials: ServerCredentials | None)
     await server.start()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_addr)
+    settle_heap()
     print(f"READY scheduler {server.address}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -177,6 +177,8 @@ class Scheduler:
         self.max_queue_per_worker = max_queue_per_worker
         self.clock = clock
         self.table = SchedulerTable()
+        # Counted when scraped: the count walks every request, too much to redo per event.
+        metrics.QUEUE_LENGTH.set_function(self.table.queue_length)
         self.sessions: dict[str, WorkerSessionHandle] = {}
         self.draining = False
         self.plans_sent = 0
@@ -221,7 +223,6 @@ class Scheduler:
         entry = self.table.add(meta, worker_id)
         self.sessions[worker_id].send(assignment_for(entry))
         self._mark_dirty(worker_id)
-        self._update_queue_metric()
         return worker_id
 
     def abort(self, request_id: str) -> bool:
@@ -233,7 +234,6 @@ class Scheduler:
         if handle is not None:
             handle.send(_abort_message([request_id]))
             self._mark_dirty(entry.worker_id)
-        self._update_queue_metric()
         return True
 
     def report_delivery(self, message: scheduler_pb2.ReportDeliveryRequest) -> int:
@@ -349,7 +349,6 @@ class Scheduler:
             view.kv_blocks_total - view.kv_blocks_free
         )
         metrics.KV_BLOCKS.labels(worker=worker_id, kind="total").set(view.kv_blocks_total)
-        self._update_queue_metric()
 
     @staticmethod
     def _note_plan_applied(handle: WorkerSessionHandle, report: scheduler_pb2.StepReport) -> None:
@@ -373,7 +372,6 @@ class Scheduler:
             log.warning("worker %s is gone; %d requests orphaned", handle.worker_id,
                         len(orphans))
             metrics.WORKERS_LIVE.set(len(self.sessions))
-            self._update_queue_metric()
         else:
             self._end(handle)
 
@@ -475,6 +473,3 @@ class Scheduler:
         self.plans_sent += 1
         if plan.preempt:
             metrics.PREEMPTIONS.labels(cause="planned").inc(len(plan.preempt))
-
-    def _update_queue_metric(self) -> None:
-        metrics.QUEUE_LENGTH.set(self.table.queue_length())

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from andes.latency import LatencyProfile
-from andes.policies.base import HOLDS_KV, RequestTable, Snapshot, State, blocks_for
+from andes.policies.base import HOLDS_KV, RequestTable, Snapshot, State
 from andes.v1 import generation_pb2, scheduler_pb2
 from scheduler_service.convert import state_from_proto
 
@@ -104,6 +104,10 @@ class WorkerView:
     step: int = 0
     requests: dict[str, RequestEntry] = field(default_factory=dict)
     """Its requests in placement order (orphans included while it is dead)."""
+    kv_demand: int = 0
+    """KV blocks its requests need to run now: the sum of :meth:`blocks_needed_now` over
+    ``requests``, kept up to date by the table (placement reads it for every new request, and
+    summing thousands of requests each time made a burst quadratic)."""
 
     @property
     def kv_blocks_total(self) -> int:
@@ -116,6 +120,11 @@ class WorkerView:
     @property
     def max_batch(self) -> int:
         return self.profile.max_batch
+
+    def blocks_needed_now(self, entry: RequestEntry) -> int:
+        """KV blocks ``entry``'s context (plus its next token) occupies on this worker."""
+        block_size = self.profile.block_size
+        return (entry.meta.prompt_tokens + entry.generated_tokens + block_size) // block_size
 
 
 @dataclass
@@ -270,7 +279,8 @@ class SchedulerTable:
         else:
             view.backend = registration.backend
             view.model = registration.model
-            view.profile = profile
+            view.profile = profile  # its block size may differ now
+            view.kv_demand = sum(view.blocks_needed_now(e) for e in view.requests.values())
             view.session_id = session_id
             view.live = True
             view.last_seen = now_s
@@ -302,7 +312,7 @@ class SchedulerTable:
             session_id=view.session_id,
         )
         self.requests[meta.request_id] = entry
-        view.requests[meta.request_id] = entry
+        _attach(view, entry)
         self._forgotten.pop(meta.request_id, None)
         return entry
 
@@ -314,7 +324,7 @@ class SchedulerTable:
         del self._names[entry.int_id]
         view = self.workers.get(entry.worker_id)
         if view is not None:
-            view.requests.pop(request_id, None)
+            _detach(view, entry)
         self._forgotten[request_id] = None
         while len(self._forgotten) > FORGET_LIMIT:
             self._forgotten.popitem(last=False)
@@ -324,7 +334,7 @@ class SchedulerTable:
         """Re-place a request (its worker died): it resumes, by recompute, where it got to."""
         old = self.workers.get(entry.worker_id)
         if old is not None:
-            old.requests.pop(entry.request_id, None)
+            _detach(old, entry)
         view = self.workers[worker_id]
         entry.worker_id = worker_id
         entry.session_id = view.session_id
@@ -332,7 +342,7 @@ class SchedulerTable:
         entry.state = State.WAITING
         entry.kv_blocks = 0
         entry.orphaned_at = None
-        view.requests[entry.request_id] = entry
+        _attach(view, entry)
 
     def orphans(self) -> list[RequestEntry]:
         return [
@@ -357,7 +367,7 @@ class SchedulerTable:
                 previous, entry.gen_digest_max, entry.gen_delay_sum, generated - previous,
                 at_s - meta.arrival_s, meta.ttft_s, meta.tds,
             )
-            entry.generated_tokens = generated
+            self._set_generated(entry, generated)
             entry.last_token_s = at_s
         holds, held = state in HOLDS_KV, entry.state in HOLDS_KV
         if holds and not held:
@@ -370,6 +380,15 @@ class SchedulerTable:
             effects.preempted += 1
         entry.state = state
         entry.kv_blocks = int(progress.kv_blocks)
+
+    def _set_generated(self, entry: RequestEntry, generated: int) -> None:
+        view = self.workers.get(entry.worker_id)
+        if view is not None and view.requests.get(entry.request_id) is entry:
+            view.kv_demand -= view.blocks_needed_now(entry)
+            entry.generated_tokens = generated
+            view.kv_demand += view.blocks_needed_now(entry)
+        else:
+            entry.generated_tokens = generated
 
     def apply_report(
         self, worker_id: str, report: scheduler_pb2.StepReport, now_s: float
@@ -446,7 +465,7 @@ class SchedulerTable:
             arrival_s=now_s,
         )
         entry = self.add(meta, view.worker_id)
-        entry.generated_tokens = generated
+        self._set_generated(entry, generated)
         entry.resume_from_tokens = generated
         entry.last_token_s = now_s
         return entry
@@ -473,18 +492,24 @@ class SchedulerTable:
         return build_snapshot(list(view.requests.values()), view, now_s)
 
     def queue_length(self) -> int:
-        """Requests waiting to run: placed but holding no KV, or orphaned."""
+        """Requests waiting to run: placed but holding no KV, or orphaned. Safe to call from
+        another thread (the metrics server's): it walks a copy of the table."""
         return sum(
-            1 for e in self.requests.values()
+            1 for e in list(self.requests.values())
             if e.orphaned_at is not None or e.state not in HOLDS_KV
         )
 
     def kv_demand(self, worker_id: str) -> int:
         """KV blocks the worker's unfinished requests need to run now."""
-        view = self.workers[worker_id]
-        return int(
-            sum(
-                int(blocks_for(e.meta.prompt_tokens + e.generated_tokens, view.block_size))
-                for e in view.requests.values()
-            )
-        )
+        return self.workers[worker_id].kv_demand
+
+
+def _attach(view: WorkerView, entry: RequestEntry) -> None:
+    view.requests[entry.request_id] = entry
+    view.kv_demand += view.blocks_needed_now(entry)
+
+
+def _detach(view: WorkerView, entry: RequestEntry) -> None:
+    if view.requests.get(entry.request_id) is entry:
+        del view.requests[entry.request_id]
+        view.kv_demand -= view.blocks_needed_now(entry)

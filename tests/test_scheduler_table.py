@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from andes.latency import load_profile
 from andes.policies import FcfsPolicy, Plan, PreemptionMode, State, make_policy
@@ -263,6 +265,50 @@ def test_dead_worker_orphans_then_moves() -> None:
     assert entry.worker_id == "w1" and entry.resume_from_tokens == 4
     assert entry.state == State.WAITING and entry.orphaned_at is None
     assert not table.orphans() and "a" in table.workers["w1"].requests
+
+
+OPS = st.lists(st.tuples(
+    st.sampled_from(["add", "step", "finish", "die_and_move", "reregister"]),
+    st.integers(0, 7), st.integers(1, 40),
+), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_kv_demand_stays_the_sum_over_each_workers_requests(ops: list[tuple[str, int, int]]) -> (
+    None
+):
+    """Placement reads a running total; any sequence of table changes keeps it exact."""
+    table = SchedulerTable()
+    for worker_id in ("w0", "w1"):
+        table.register_worker(registration(worker_id), PROFILE, 1, NOW)
+    session = 1
+    for n, (op, pick, amount) in enumerate(ops):
+        rid = f"r{pick}"
+        entry = table.requests.get(rid)
+        if op == "add" and entry is None:
+            table.add(meta(rid, prompt=amount), f"w{pick % 2}")
+        elif op == "step" and entry is not None:
+            table.apply_report(entry.worker_id, report(progress(
+                rid, entry.generated_tokens + amount, State.RUNNING, 1), end=NOW + n), NOW + n)
+        elif op == "finish" and entry is not None:
+            table.apply_report(entry.worker_id, report(end=NOW + n, finished=(rid,)), NOW + n)
+        elif op == "die_and_move" and entry is not None:
+            source = entry.worker_id
+            table.mark_dead(source, NOW + n)
+            for orphan in table.orphans():
+                table.move(orphan, "w1" if source == "w0" else "w0")
+            table.register_worker(registration(source), PROFILE, session := session + 1, NOW)
+        elif op == "reregister":
+            block_size = 8 * (1 + amount % 4)
+            reg = registration(f"w{pick % 2}")
+            reg.block_size = block_size
+            table.register_worker(reg, PROFILE, session := session + 1, NOW)
+        for view in table.workers.values():
+            assert table.kv_demand(view.worker_id) == sum(
+                (e.meta.prompt_tokens + e.generated_tokens) // view.block_size + 1
+                for e in view.requests.values()
+            )
 
 
 # -- the planner ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import uvloop
 from prometheus_client import start_http_server
 
+from andes.heap import settle_heap
 from andes.tls import ChannelTls, TlsError
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
@@ -115,6 +116,7 @@ async def _main(args: argparse.Namespace, config: WorkerConfig, engine: Engine,
     )
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_addr)
+    settle_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
+from andes.heap import settle_heap
 from andes.latency import LatencyProfile
 from andes.v1 import generation_pb2
 from worker.engine import Engine, Finished, PlanSpec, Progress, RequestSpec, StepOutcome
@@ -233,6 +234,7 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection) -> Non
     except BaseException as err:  # reported to the parent, which stops the worker
         conn.send((False, _picklable(err), None))
         return
+    settle_heap()  # after the model and the profile run: their objects stay for good
     facts = _Facts(engine.backend, engine.model, engine.profile, engine.needs_payload)
     conn.send((True, facts, _State(engine.has_work(), engine.kv_blocks_free)))
     try:
