@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from andes.redis_packing import HiredisPackedConnection
 from andes.tls import TlsError, add_port
 from andes.v1 import generation_pb2
 from gateway.auth import ApiKeys
@@ -167,7 +168,8 @@ class Gateway:
         # A blocking pool: with thousands of streams, callers wait for a free connection
         # rather than failing with "Too many connections" (the default pool's behaviour).
         pool = aioredis.BlockingConnectionPool.from_url(
-            config.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_POOL_WAIT_S
+            config.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_POOL_WAIT_S,
+            connection_class=HiredisPackedConnection,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         await self._wait_for_redis(self._redis)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from redis.asyncio import Redis
 
 from andes.latency import load_profile
+from andes.redis_packing import HiredisPackedConnection
 from andes.tls import ChannelTls
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
@@ -104,7 +105,7 @@ class WorkerService:
         if engine is None:
             engine, engine_thread = start_engine(config)
         self.engine = engine
-        self.redis = Redis.from_url(config.redis_url)
+        self.redis = Redis.from_url(config.redis_url, connection_class=HiredisPackedConnection)
         self.loop = WorkerLoop(
             self.engine,
             worker_id=config.worker_id,
