@@ -33,6 +33,10 @@ ENGINE = {"dtype": "float32", "max-model-len": "3072", "max-num-batched-tokens":
           "max-num-seqs": "64", "block-size": str(VLLM_BLOCK_SIZE)}
 
 
+SYSTEMS = ("vllm", "fcfs", "andes")
+"""Stock vLLM's server, then our cluster with each policy."""
+
+
 def loadgen(target: str, out: Path, args: argparse.Namespace) -> None:
     subprocess.run(
         [sys.executable, "-m", "loadgen", "run", "--target", target, "--workload", "sharegpt",
@@ -110,18 +114,29 @@ def main() -> None:
     parser.add_argument("--max-preemptions", type=int,
                         help="andes: planned preemptions per request (default: the policy's, 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="the systems to run (the others' results are read from --out, "
+                             "from an earlier run with the same workload)")
     args = parser.parse_args()
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    if unknown := set(systems) - set(SYSTEMS):
+        parser.error(f"--systems: unknown {', '.join(sorted(unknown))} (known: "
+                     f"{', '.join(SYSTEMS)})")
     args.out.mkdir(parents=True, exist_ok=True)
+    files = {name: args.out / f"{name}.json" for name in SYSTEMS}
+    if missing := [name for name in SYSTEMS if name not in systems and not files[name].exists()]:
+        parser.error(f"no earlier results in {args.out} for {', '.join(missing)}: run them too")
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
         if model is None:
             from andes.tiny_model import build_tiny_model
 
             model = str(build_tiny_model(Path(scratch) / args.shape, shape=args.shape))
-        files = {name: args.out / f"{name}.json" for name in ("vllm", "fcfs", "andes")}
-        run_stock(model, files["vllm"], args, Path(scratch) / "vllm-serve.log")
-        run_ours(model, "fcfs", files["fcfs"], args)
-        run_ours(model, "andes", files["andes"], args)
+        if "vllm" in systems:
+            run_stock(model, files["vllm"], args, Path(scratch) / "vllm-serve.log")
+        for policy in ("fcfs", "andes"):
+            if policy in systems:
+                run_ours(model, policy, files[policy], args)
     subprocess.run([sys.executable, "-m", "loadgen", "report", *map(str, files.values()),
                     "--out", str(args.out)], check=True)
     rows = {name: json.loads(path.read_text())["results"][0] for name, path in files.items()}
