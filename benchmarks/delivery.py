@@ -15,7 +15,9 @@ the bottleneck), and CPU% per process sampled from /proc during the run.
 
 The plan round trip (snapshot -> plan applied at a worker) comes from the scheduler's
 ``andes_plan_round_trip_seconds`` histogram (the worker reports when it applied each plan; both
-clocks are this machine's), scraped after the run with the plan computation time
+clocks are this machine's), scraped after the run with its delivery part
+(``andes_plan_delivery_seconds``: until the worker's session has the plan; the rest is the wait
+for the worker's next iteration boundary) and the plan computation time
 (``andes_plan_latency_seconds``); percentiles are interpolated within histogram buckets, as
 Prometheus's ``histogram_quantile`` does. ``--plan-interval-ms`` sets the scheduler's least time
 between two plans of one worker: 20 ms with two workers allows 100 plans/s (a plan goes out only
@@ -329,12 +331,14 @@ def main() -> None:
         entries = asyncio.run(read_entries(cluster.redis_url, streams))
         plan_hist: Mapping[str, float | str]
         round_trip_hist: Mapping[str, float | str]
+        delivery_hist: Mapping[str, float | str]
         try:
             plan_hist = scrape_histogram(scheduler_metrics, "andes_plan_latency_seconds")
             round_trip_hist = scrape_histogram(scheduler_metrics,
                                                "andes_plan_round_trip_seconds")
+            delivery_hist = scrape_histogram(scheduler_metrics, "andes_plan_delivery_seconds")
         except OSError as err:
-            plan_hist = round_trip_hist = {"error": str(err)}
+            plan_hist = round_trip_hist = delivery_hist = {"error": str(err)}
 
     result = analyse(streams, entries)
     errors = error_summary(streams)
@@ -377,6 +381,11 @@ def main() -> None:
             "mean_ms": 1e3 * float(round_trip_hist.get("sum", 0.0))
             / max(float(round_trip_hist.get("count", 0.0)), 1.0),
             "round_trip_seconds_histogram": round_trip_hist,
+            # Snapshot -> the worker's session has the plan (the rest of the round trip is
+            # the wait for the worker's next iteration boundary).
+            "delivery_p50_ms": 1e3 * histogram_quantile(delivery_hist, 0.50),
+            "delivery_p99_ms": 1e3 * histogram_quantile(delivery_hist, 0.99),
+            "delivery_seconds_histogram": delivery_hist,
             "plan_compute_p50_ms": 1e3 * histogram_quantile(plan_hist, 0.50),
             "plan_compute_p99_ms": 1e3 * histogram_quantile(plan_hist, 0.99),
             "plan_compute_seconds_histogram": plan_hist,

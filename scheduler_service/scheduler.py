@@ -352,14 +352,17 @@ class Scheduler:
 
     @staticmethod
     def _note_plan_applied(handle: WorkerSessionHandle, report: scheduler_pb2.StepReport) -> None:
-        """The plan round trip of the plan the report says was applied (once per plan; plans
-        superseded before the worker got to them are dropped unmeasured)."""
+        """The plan round trip of the plan the report says was applied, and its delivery part
+        (once per plan; plans superseded before the worker got to them are dropped
+        unmeasured)."""
         pending = handle.snapshot_unix_s
         if not pending:
             return
         taken = pending.pop(report.plan_version, None)
         if taken is not None and report.plan_applied_unix_s:  # 0: a worker that does not say
             metrics.PLAN_ROUND_TRIP.observe(max(report.plan_applied_unix_s - taken, 0.0))
+            if report.plan_received_unix_s:
+                metrics.PLAN_DELIVERY.observe(max(report.plan_received_unix_s - taken, 0.0))
         for version in [v for v in pending if v < report.plan_version]:
             del pending[version]
 

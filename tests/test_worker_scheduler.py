@@ -474,6 +474,11 @@ def test_command_line_services(redis_url: str, tmp_path: Path) -> None:
                        b'andes_preemptions_total{cause="forced"}',
                        b'andes_kv_blocks{kind="used",worker="cli-w0"}', b"andes_workers_live 1"):
             assert metric in scraped["scheduler"], metric
+        # Every applied plan was timed twice: received (delivery) and applied (round trip).
+        delivered = _sample(scraped["scheduler"], "andes_plan_delivery_seconds")
+        round_trip = _sample(scraped["scheduler"], "andes_plan_round_trip_seconds")
+        assert round_trip["count"] >= 1 and delivered["count"] == round_trip["count"]
+        assert delivered["sum"] <= round_trip["sum"]
         for metric in (b"andes_step_seconds_count", b"andes_tokens_generated_total 100",
                        b"andes_kv_blocks_used"):
             assert metric in scraped["worker"], metric
@@ -485,3 +490,13 @@ def test_command_line_services(redis_url: str, tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _sample(exposition: bytes, histogram: str) -> dict[str, float]:
+    """A histogram's ``_count`` and ``_sum`` from a Prometheus text exposition."""
+    values = {}
+    for line in exposition.decode().splitlines():
+        for part in ("count", "sum"):
+            if line.startswith(f"{histogram}_{part} "):
+                values[part] = float(line.split()[1])
+    return values

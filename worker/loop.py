@@ -83,6 +83,7 @@ class WorkerLoop:
         self.plan_version = 0
         """Version of the latest plan applied (0: none yet)."""
         self.plan_applied_unix_s = 0.0
+        self.plan_received_unix_s = 0.0
         """When that plan was applied, wall clock (0: none yet); reported so the scheduler
         can measure the plan round trip."""
         self._plan: PlanSpec | None = None
@@ -189,6 +190,7 @@ class WorkerLoop:
             plan_version=self.plan_version,
             scheduled_tokens=self._scheduled_tokens,
             plan_applied_unix_s=self.plan_applied_unix_s,
+            plan_received_unix_s=self.plan_received_unix_s,
         )
 
     # -- the loop ------------------------------------------------------------------------
@@ -205,6 +207,7 @@ class WorkerLoop:
                     await self._call(partial(self.engine.apply, plan))
                     self.plan_version = plan.version
                     self.plan_applied_unix_s = time.time()
+                    self.plan_received_unix_s = self.session.take_plan_received(plan.version)
                     changed = True
                 stepped = not self._backlogged and self._has_work
                 if stepped and self.engine.blocking:

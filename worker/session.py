@@ -76,6 +76,8 @@ class SchedulerSession:
         self._resend_window_s = resend_window_s
         self._on_registered = on_registered
         self.inbox: asyncio.Queue[scheduler_pb2.WorkerSessionResponse] = asyncio.Queue()
+        self.plan_received_unix_s: dict[int, float] = {}
+        """When each plan in the inbox arrived, by version (the loop takes them out)."""
         self.connected = asyncio.Event()
         self.registrations = 0
         """How many sessions the scheduler accepted so far (1 after the first)."""
@@ -86,6 +88,14 @@ class SchedulerSession:
         self._unreachable_logged = False
 
     # -- what the loop calls -------------------------------------------------------------
+
+    def take_plan_received(self, version: int) -> float:
+        """When plan ``version`` arrived (0.0 if unknown), forgetting it and the older plans
+        it superseded."""
+        received = self.plan_received_unix_s.pop(version, 0.0)
+        for older in [v for v in self.plan_received_unix_s if v < version]:
+            del self.plan_received_unix_s[older]
+        return received
 
     def send_report(self, report: scheduler_pb2.StepReport) -> None:
         """Queue a step report (never blocks); keeps its finishes if it cannot go out now."""
@@ -195,6 +205,8 @@ class SchedulerSession:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 return
+            if msg.WhichOneof("message") == "plan":
+                self.plan_received_unix_s[msg.plan.plan_version] = time.time()
             self.inbox.put_nowait(msg)
 
     async def _write(

@@ -191,7 +191,7 @@ class FinishedRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., generated_tokens: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step", "start_unix_s", "duration_s", "requests", "kv_blocks_free", "kv_blocks_total", "finished", "forced_preemptions", "plan_version", "scheduled_tokens", "plan_applied_unix_s")
+    __slots__ = ("step", "start_unix_s", "duration_s", "requests", "kv_blocks_free", "kv_blocks_total", "finished", "forced_preemptions", "plan_version", "scheduled_tokens", "plan_applied_unix_s", "plan_received_unix_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class StepReport(_message.Message):
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PLAN_APPLIED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    PLAN_RECEIVED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     start_unix_s: float
     duration_s: float
@@ -214,7 +215,8 @@ class StepReport(_message.Message):
     plan_version: int
     scheduled_tokens: int
     plan_applied_unix_s: float
-    def __init__(self, step: _Optional[int] = ..., start_unix_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., requests: _Optional[_Iterable[_Union[RequestProgress, _Mapping]]] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., finished: _Optional[_Iterable[_Union[FinishedRequest, _Mapping]]] = ..., forced_preemptions: _Optional[_Iterable[str]] = ..., plan_version: _Optional[int] = ..., scheduled_tokens: _Optional[int] = ..., plan_applied_unix_s: _Optional[float] = ...) -> None: ...
+    plan_received_unix_s: float
+    def __init__(self, step: _Optional[int] = ..., start_unix_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., requests: _Optional[_Iterable[_Union[RequestProgress, _Mapping]]] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., finished: _Optional[_Iterable[_Union[FinishedRequest, _Mapping]]] = ..., forced_preemptions: _Optional[_Iterable[str]] = ..., plan_version: _Optional[int] = ..., scheduled_tokens: _Optional[int] = ..., plan_applied_unix_s: _Optional[float] = ..., plan_received_unix_s: _Optional[float] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sent_unix_s",)
