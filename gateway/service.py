@@ -313,20 +313,28 @@ class GenerationService:
         ``whole``: the response comes as one delta at its end (for a front end that answers
         only then, so that its tokens count as delivered when they really are).
         """
+        request_id = valid.request_id
+        key = self.payloads.stream_key(request_id)
         if valid.is_resume:
             prompt_tokens, pacer = await self._reattach(valid, call)
+            try:
+                subscription = await self.hub.subscribe(key, valid.resume_from_index)
+            except BaseException as err:
+                self._abort_soon(request_id, _abort_reason(err, call))
+                raise
         else:
             prompt_tokens = self.prompt_counter.count(valid.prompt, valid.prompt_token_ids)
             pacer = TokenPacer(valid.ttft_s, valid.tds, arrival_s=call.arrival_mono_s)
-            await self._submit(valid, prompt_tokens, call)
-        request_id = valid.request_id
-        try:
-            subscription = await self.hub.subscribe(
-                self.payloads.stream_key(request_id), valid.resume_from_index
-            )
-        except BaseException as err:
-            self._abort_soon(request_id, _abort_reason(err, call))
-            raise
+            await self._store_payload(valid, prompt_tokens, call)
+            # Read the stream before the request is placed: its worker may append the first
+            # tokens before Submit returns, and a reader that already reads the key hands them
+            # over at once, not after a wake-up round trip to Redis.
+            subscription = await self.hub.subscribe(key)
+            try:
+                await self._submit(valid, prompt_tokens, call)
+            except BaseException:
+                subscription.close()
+                raise
         generation = Generation(self, call, valid, prompt_tokens, pacer, subscription,
                                 whole=whole)
         self._live.setdefault(request_id, set()).add(subscription)
@@ -414,7 +422,9 @@ class GenerationService:
         pacer.advance(valid.resume_from_index, time.monotonic())
         return stored.prompt_tokens, pacer
 
-    async def _submit(self, valid: ValidRequest, prompt_tokens: int, call: Call) -> None:
+    async def _store_payload(self, valid: ValidRequest, prompt_tokens: int, call: Call) -> None:
+        """Store the request for its worker and for reattaching clients; this also claims its
+        id (and the token stream's key)."""
         request_id = valid.request_id
         try:
             created = await self.payloads.create(valid, prompt_tokens, call.arrival_unix_s)
@@ -427,6 +437,10 @@ class GenerationService:
                 f"request_id: {request_id!r} is in use (live, or finished too recently to reuse)",
             )
         self._aborted.pop(request_id, None)  # a new request under an old id can be aborted
+
+    async def _submit(self, valid: ValidRequest, prompt_tokens: int, call: Call) -> None:
+        """Place the stored request with the scheduler; undoes the payload if refused."""
+        request_id = valid.request_id
         remaining = call.time_remaining()
         timeout_s = self.submit_timeout_s if remaining is None else min(
             self.submit_timeout_s, remaining
