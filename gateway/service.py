@@ -329,7 +329,12 @@ class GenerationService:
             # Read the stream before the request is placed: its worker may append the first
             # tokens before Submit returns, and a reader that already reads the key hands them
             # over at once, not after a wake-up round trip to Redis.
-            subscription = await self.hub.subscribe(key)
+            try:
+                subscription = await self.hub.subscribe(key)
+            except BaseException:
+                with contextlib.suppress(RedisError):
+                    await self.payloads.delete(request_id)  # free the id it claimed
+                raise
             try:
                 await self._submit(valid, prompt_tokens, call)
             except BaseException:
