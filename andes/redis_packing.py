@@ -13,22 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import hiredis
 import redis.asyncio
-from redis.exceptions import DataError
+from redis.connection import HiredisRespSerializer
 
 
 class HiredisPackedConnection(redis.asyncio.Connection):
-    """A TCP connection whose commands hiredis packs (same bytes as redis-py's packer)."""
+    """A TCP connection whose commands hiredis packs: redis-py's own serializer for its
+    synchronous connections (same bytes as its Python packer, DataError for what it cannot
+    pack)."""
+
+    _packer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        name = args[0]
-        # A command name may carry literal arguments ("CONFIG GET"): Redis wants them apart.
-        if isinstance(name, str):
-            args = (*name.encode().split(), *args[1:])
-        elif b" " in name:
-            args = (*name.split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as err:  # redis-py's own packer raises DataError for these
-            raise DataError(str(err)) from err
+        packed: list[bytes] = self._packer.pack(*args)
+        return packed

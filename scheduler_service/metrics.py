@@ -16,21 +16,22 @@ PLAN_LATENCY = Histogram(
     "Time to compute one worker's plan (snapshot and policy).",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
+PLAN_TRIP_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1,
+                     0.25, 0.5, 1.0)
+"""Seconds, for a plan's way from its snapshot to its worker (delivered, or applied)."""
 PLAN_DELIVERY = Histogram(
     "andes_plan_delivery_seconds",
     "From the snapshot a plan was computed from to its worker's session receiving it (planning "
     "and sending; the round trip adds the wait for the worker's next iteration boundary). "
     "Wall clocks as for andes_plan_round_trip_seconds.",
-    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
-             0.5, 1.0),
+    buckets=PLAN_TRIP_BUCKETS,
 )
 PLAN_ROUND_TRIP = Histogram(
     "andes_plan_round_trip_seconds",
     "From the snapshot a plan was computed from to its worker applying it (planning, "
     "sending, and the wait for the worker's next iteration boundary). The scheduler's and "
     "the worker's wall clocks: exact on one machine, as good as their sync otherwise.",
-    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
-             0.5, 1.0),
+    buckets=PLAN_TRIP_BUCKETS,
 )
 PREEMPTIONS = Counter(
     "andes_preemptions",
