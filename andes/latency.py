@@ -8,10 +8,13 @@ provenance; workers measure and register their own.
 The model is a roofline. One iteration processes ``decode_batch`` decode tokens whose requests
 hold ``context_tokens`` KV entries in total, plus ``prefill_tokens`` prompt (or recompute)
 tokens. It is bound either by memory traffic (weights once, plus every KV entry read) or by
-compute (every processed token costs ``2 * params`` FLOPs), plus a fixed per-step overhead::
+compute (every processed token costs ``2 * params`` FLOPs; on a CPU, attention over every KV
+entry read costs compute too), plus a fixed per-step overhead::
 
     t = step_overhead_s + max(weights_read_s + kv_read_s_per_token * context_tokens,
-                              compute_s_per_token * (decode_batch + prefill_tokens))
+                              compute_s_per_token * decode_batch
+                              + prefill_s_per_token * prefill_tokens
+                              + attention_s_per_token * context_tokens)
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ class LatencyProfile:
     """Compute time per prefill token when it differs from a decode token's (None: the
     same). On a GPU both are FLOP-bound alike; a CPU engine's decode token also pays per
     sequence work (sampling, metadata), so measured profiles set both."""
+    attention_s_per_token: float = 0.0
+    """Compute time per KV entry a decode token attends to. A GPU reads KV at memory speed
+    (``kv_read_s_per_token``) and leaves it 0; a CPU engine's attention is compute that adds
+    to the rest, so a batch of long contexts is slower than a batch of short ones."""
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
     """Where the numbers come from: hardware and model figures, sources, or measurement."""
 
@@ -90,9 +97,11 @@ class LatencyProfile:
     ) -> float | FloatArray:
         """Seconds for one iteration; vectorized over any of its arguments."""
         memory = self.weights_read_s + self.kv_read_s_per_token * np.asarray(context_tokens)
-        compute = self.compute_s_per_token * np.asarray(
-            decode_batch
-        ) + self.prefill_per_token_s * np.asarray(prefill_tokens)
+        compute = (
+            self.compute_s_per_token * np.asarray(decode_batch)
+            + self.prefill_per_token_s * np.asarray(prefill_tokens)
+            + self.attention_s_per_token * np.asarray(context_tokens)
+        )
         t = self.step_overhead_s + np.maximum(memory, compute)
         if np.ndim(t) == 0:
             return float(t)
@@ -131,6 +140,8 @@ class LatencyProfile:
         data = asdict(self)
         if self.prefill_s_per_token is None:  # optional: profiles without it stay as they are
             del data["prefill_s_per_token"]
+        if self.attention_s_per_token == 0.0:
+            del data["attention_s_per_token"]
         return data
 
     @classmethod
@@ -157,6 +168,7 @@ class LatencyProfile:
             "compute_s_per_token",
             "swap_s_per_token",
             "prefill_per_token_s",
+            "attention_s_per_token",
         ):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):

@@ -44,6 +44,7 @@ def profile_from_proto(message: scheduler_pb2.LatencyProfile) -> LatencyProfile:
         prefill_s_per_token=(
             message.prefill_s_per_token if message.HasField("prefill_s_per_token") else None
         ),
+        attention_s_per_token=message.attention_s_per_token,
         provenance=provenance,
     )
     profile.validate()

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from andes.latency import LatencyProfile, list_profiles, load_profile, profiles_dir
+from worker.vllm_profile import SHORT_CONTEXT, fit_profile
 
 PROFILES = list_profiles()
 GPU_PROFILES = [
@@ -123,19 +125,46 @@ def test_cpu_tiny_is_measured_by_the_vllm_backend() -> None:
     assert prov["command"].startswith("python -m worker.vllm_profile")
 
 
-def _cpu_tiny_measurements() -> list[tuple[str, float, float]]:
+def _cpu_tiny_measurements() -> list[tuple[float, float, float, float]]:
+    """(decode batch, context tokens, prefill tokens, seconds) of each calibration step."""
     measured = _profile_json("cpu-tiny")["provenance"]["measurements"]
-    return [("decode", float(b), t) for b, t in measured["decode_step_s_by_batch"].items()] + [
-        ("prefill", float(n), t) for n, t in measured["prefill_step_s_by_tokens"].items()]
+    rows = [(float(b), float(b * SHORT_CONTEXT), 0.0, t)
+            for b, t in measured["decode_step_s_by_batch"].items()]
+    if long := measured.get("decode_step_s_by_context"):
+        rows.append((float(long["batch"]), float(long["context_tokens"]), 0.0, long["step_s"]))
+    return rows + [(0.0, 0.0, float(n), t)
+                   for n, t in measured["prefill_step_s_by_tokens"].items()]
 
 
-@pytest.mark.parametrize(("kind", "size", "measured"), _cpu_tiny_measurements())
-def test_cpu_tiny_reproduces_its_measured_step_times(kind: str, size: float,
-                                                     measured: float) -> None:
+@pytest.mark.parametrize(("batch", "context", "prefill", "measured"), _cpu_tiny_measurements())
+def test_cpu_tiny_reproduces_its_measured_step_times(batch: float, context: float,
+                                                     prefill: float, measured: float) -> None:
     profile = load_profile("cpu-tiny")
-    predicted = (profile.iteration_time(size, 0.0) if kind == "decode"
-                 else profile.iteration_time(0.0, 0.0, size))
+    predicted = profile.iteration_time(batch, context, prefill)
     assert predicted == pytest.approx(measured, rel=0.25)
+
+
+
+def test_the_start_up_fit_recovers_the_attention_cost() -> None:
+    # Step times made by a known CPU-like model: the fit gives its coefficients back.
+    overhead, decode, attention, prefill = 9e-3, 4.4e-4, 1.7e-6, 3.2e-4
+    measured = {
+        "decode_step_s_by_batch": {b: overhead + decode * b + attention * b * SHORT_CONTEXT
+                                   for b in (1, 4, 16, 64)},
+        "decode_step_s_by_context": {"batch": 4, "context_tokens": 1528,
+                                     "step_s": overhead + decode * 4 + attention * 1528},
+        "prefill_step_s_by_tokens": {n: overhead + prefill * n for n in (256, 1024)},
+    }
+    engine = SimpleNamespace(block_size=32, kv_blocks_total=96, max_num_seqs=64,
+                             config=SimpleNamespace(max_num_batched_tokens=1024))
+    profile = fit_profile(engine, measured, "synthetic")  # type: ignore[arg-type]
+    assert profile.step_overhead_s == pytest.approx(overhead, rel=1e-6)
+    assert profile.compute_s_per_token == pytest.approx(decode, rel=1e-6)
+    assert profile.attention_s_per_token == pytest.approx(attention, rel=1e-6)
+    assert profile.prefill_per_token_s == pytest.approx(prefill, rel=1e-6)
+    # Without the long-context steps there is nothing to fit it from.
+    del measured["decode_step_s_by_context"]
+    assert fit_profile(engine, measured, "flat").attention_s_per_token == 0.0  # type: ignore[arg-type]
 
 
 def test_prefill_cost_defaults_to_the_compute_cost() -> None:
@@ -145,6 +174,18 @@ def test_prefill_cost_defaults_to_the_compute_cost() -> None:
     cheaper = dataclasses.replace(profile, prefill_s_per_token=profile.compute_s_per_token / 4)
     assert cheaper.prefill_time(4096) < profile.prefill_time(4096)
     assert cheaper.iteration_time(8.0, 1000.0) == profile.iteration_time(8.0, 1000.0)
+
+
+def test_attention_cost_adds_to_compute_per_context_token() -> None:
+    profile = load_profile("cpu-tiny")
+    flat = dataclasses.replace(profile, attention_s_per_token=0.0)
+    cpu = dataclasses.replace(profile, attention_s_per_token=2e-6)
+    # Without it, a decode step does not care how long the contexts are.
+    assert flat.iteration_time(4.0, 4000.0) == flat.iteration_time(4.0, 40.0)
+    extra = cpu.iteration_time(4.0, 4000.0) - flat.iteration_time(4.0, 4000.0)
+    assert extra == pytest.approx(2e-6 * 4000.0)
+    assert "attention_s_per_token" not in flat.to_json()
+    assert LatencyProfile.from_json(cpu.to_json()) == cpu
 
 
 # --- properties of the model ------------------------------------------------------------------
@@ -273,6 +314,7 @@ def test_profiles_dir_can_be_overridden(tmp_path: Path, monkeypatch: pytest.Monk
         ("kv_read_s_per_token", float("inf")),
         ("compute_s_per_token", -1.0),
         ("swap_s_per_token", -1e-6),
+        ("attention_s_per_token", -1e-7),
         ("block_size", 0),
         ("kv_blocks_total", -3),
         ("max_batch", 0),

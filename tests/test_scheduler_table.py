@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -99,6 +100,8 @@ def test_profile_round_trips_through_registration() -> None:
     back = profile_from_proto(profile_to_proto(PROFILE))
     assert back == PROFILE
     assert back.provenance == PROFILE.provenance
+    on_cpu = dataclasses.replace(PROFILE, attention_s_per_token=1.5e-6)
+    assert profile_from_proto(profile_to_proto(on_cpu)) == on_cpu
     broken = profile_to_proto(PROFILE)
     broken.block_size = 0
     with pytest.raises(ValueError, match="block_size"):

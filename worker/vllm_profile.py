@@ -3,9 +3,12 @@
 The planner prices every plan with a :class:`~andes.latency.LatencyProfile`; for a real engine
 the honest numbers are the engine's own, on this machine, with this model and these settings.
 Start-up runs a few calibration batches through the engine (decode steps at several batch
-sizes, prefills of two lengths), fits ``step_overhead_s + compute_s_per_token * batch +
-prefill_s_per_token * prompt tokens`` by least squares on relative error, and registers the
-result with the scheduler. vLLM V1 has no
+sizes, one batch of long contexts, prefills of two lengths), fits ``step_overhead_s +
+compute_s_per_token * batch + attention_s_per_token * context tokens + prefill_s_per_token *
+prompt tokens`` by least squares on relative error, and registers the result with the
+scheduler. A CPU engine's attention is compute, so the context term is what makes a batch of
+long contexts slower than one of short ones (and what a planner needs to price the long
+requests that are left when a burst drains). vLLM V1 has no
 swap, so the swap cost is the recompute cost per token.
 
 ``python -m worker.vllm_profile --model DIR --out FILE.json`` writes the measured profile with
@@ -39,6 +42,12 @@ DECODE_STEPS = 12
 """Timed decode steps per batch size (the median is kept)."""
 CALIBRATION_PROMPT = 8
 """Prompt tokens of a decode calibration request."""
+SHORT_CONTEXT = CALIBRATION_PROMPT + DECODE_STEPS // 2
+"""Mean context per request over the timed steps of a decode calibration."""
+LONG_CONTEXT_BATCH = 4
+"""Requests in the long-context decode calibration, which fill about half of KV."""
+LONG_CONTEXT_MIN = 64
+"""Below this many prompt tokens per request the long-context calibration is skipped."""
 
 
 def _calibration_ids(n: int, salt: int) -> list[int]:
@@ -83,6 +92,7 @@ def measure_step_times(backend: VllmBackend) -> dict[str, Any]:
         times = _run(backend, prompts, DECODE_STEPS + 1, DECODE_STEPS)
         # Step 0 prefills the prompts; the rest are pure decode steps of the whole batch.
         decode[batch] = statistics.median(times[1:])
+    decode_long = _measure_long_context(backend)
     prefill: dict[int, float] = {}
     longest = min(backend.config.max_num_batched_tokens, backend.config.max_model_len - 4,
                   (kv_blocks - 1) * backend.block_size)
@@ -92,19 +102,45 @@ def measure_step_times(backend: VllmBackend) -> dict[str, Any]:
             for r in range(3)
         ]
         prefill[length] = statistics.median(samples)
-    return {"decode_step_s_by_batch": decode, "prefill_step_s_by_tokens": prefill}
+    return {"decode_step_s_by_batch": decode, "prefill_step_s_by_tokens": prefill,
+            "decode_step_s_by_context": decode_long}
+
+
+def _measure_long_context(backend: VllmBackend) -> dict[str, Any]:
+    """Median decode step of ``LONG_CONTEXT_BATCH`` requests whose contexts fill about half
+    of KV (empty when KV or the model length is too small for that)."""
+    batch = min(LONG_CONTEXT_BATCH, backend.max_num_seqs)
+    half_kv = backend.kv_blocks_total * backend.block_size // 2
+    length = min(half_kv // batch, backend.config.max_model_len // 2) - DECODE_STEPS - 2
+    if length < LONG_CONTEXT_MIN:
+        return {}
+    prompts = [_calibration_ids(length, 50_000 + i) for i in range(batch)]
+    times = _run(backend, prompts, DECODE_STEPS + 1, DECODE_STEPS)
+    # The prompts' prefill may take several chunked steps; the last half are pure decode.
+    return {"batch": batch, "context_tokens": batch * (length + DECODE_STEPS),
+            "step_s": statistics.median(times[-(DECODE_STEPS // 2):])}
 
 
 def fit_profile(backend: VllmBackend, measured: dict[str, Any], name: str) -> LatencyProfile:
-    """``t = overhead + decode_cost * batch + prefill_cost * tokens``, least squares on
-    relative error (decode and prefill tokens cost differently on a CPU)."""
-    rows = [(1.0, float(b), 0.0, t) for b, t in measured["decode_step_s_by_batch"].items()]
-    rows += [(1.0, 0.0, float(n), t) for n, t in measured["prefill_step_s_by_tokens"].items()]
+    """``t = overhead + decode_cost * batch + attention_cost * context + prefill_cost *
+    tokens``, least squares on relative error (decode and prefill tokens cost differently on
+    a CPU). Without a long-context measurement the attention cost is 0."""
+    rows = [(1.0, float(b), float(b * SHORT_CONTEXT), 0.0, t)
+            for b, t in measured["decode_step_s_by_batch"].items()]
+    if long := measured.get("decode_step_s_by_context"):
+        rows.append((1.0, float(long["batch"]), float(long["context_tokens"]), 0.0,
+                     long["step_s"]))
+    rows += [(1.0, 0.0, 0.0, float(n), t)
+             for n, t in measured["prefill_step_s_by_tokens"].items()]
     table = np.array(rows)
-    seconds = table[:, 3]
-    design = table[:, :3] / seconds[:, None]
-    (overhead, decode, prefill), *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
-    decode, prefill = max(float(decode), 1e-9), max(float(prefill), 1e-9)
+    seconds = table[:, 4]
+    columns = [0, 1, 2, 3] if long else [0, 1, 3]
+    design = table[:, columns] / seconds[:, None]
+    solution, *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
+    fitted = dict(zip(columns, (float(x) for x in solution), strict=True))
+    overhead = fitted[0]
+    decode, prefill = max(fitted[1], 1e-9), max(fitted[3], 1e-9)
+    attention = max(fitted.get(2, 0.0), 0.0)
     return LatencyProfile(
         name=name,
         step_overhead_s=max(float(overhead), 0.0),
@@ -117,6 +153,7 @@ def fit_profile(backend: VllmBackend, measured: dict[str, Any], name: str) -> La
         max_batch=backend.max_num_seqs,
         max_batched_tokens=backend.config.max_num_batched_tokens,
         prefill_s_per_token=prefill,
+        attention_s_per_token=attention,
     )
 
 
@@ -172,14 +209,18 @@ def main(argv: list[str] | None = None) -> int:
     measured = measure_step_times(backend)
     out = Path(args.out)
     profile = fit_profile(backend, measured, args.name or out.stem)
-    predicted = {
-        "decode": {b: profile.iteration_time(float(b), 0.0)
+    predicted: dict[str, Any] = {
+        "decode": {b: profile.iteration_time(float(b), float(b * SHORT_CONTEXT))
                    for b in measured["decode_step_s_by_batch"]},
         "prefill": {n: profile.iteration_time(0.0, 0.0, float(n))
                     for n in measured["prefill_step_s_by_tokens"]},
     }
     errors = [abs(predicted["decode"][b] / t - 1)
               for b, t in measured["decode_step_s_by_batch"].items()]
+    if long := measured["decode_step_s_by_context"]:
+        predicted["decode_long_context"] = profile.iteration_time(
+            float(long["batch"]), float(long["context_tokens"]))
+        errors.append(abs(predicted["decode_long_context"] / long["step_s"] - 1))
     errors += [abs(predicted["prefill"][n] / t - 1)
                for n, t in measured["prefill_step_s_by_tokens"].items()]
     import vllm
@@ -198,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             "measurements": measured,
             "fit": {
                 "method": "t = step_overhead_s + compute_s_per_token * decode batch + "
-                          "prefill_s_per_token * prefill tokens, least squares on relative "
-                          "error; no context term",
+                          "attention_s_per_token * context tokens + prefill_s_per_token * "
+                          "prefill tokens, least squares on relative error",
                 "predicted": predicted,
                 "max_relative_error": round(max(errors), 3),
             },

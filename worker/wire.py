@@ -28,6 +28,7 @@ def profile_to_proto(profile: LatencyProfile) -> scheduler_pb2.LatencyProfile:
         max_batched_tokens=profile.max_batched_tokens,
         provenance_json=json.dumps(profile.provenance),
         prefill_s_per_token=profile.prefill_s_per_token,
+        attention_s_per_token=profile.attention_s_per_token,
     )
 
 

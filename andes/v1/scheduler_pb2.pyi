@@ -141,7 +141,7 @@ class Registration(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_batched_tokens: _Optional[int] = ..., profile: _Optional[_Union[LatencyProfile, _Mapping]] = ..., requests: _Optional[_Iterable[_Union[RequestProgress, _Mapping]]] = ...) -> None: ...
 
 class LatencyProfile(_message.Message):
-    __slots__ = ("name", "step_overhead_s", "weights_read_s", "kv_read_s_per_token", "compute_s_per_token", "swap_s_per_token", "block_size", "kv_blocks_total", "max_batch", "max_batched_tokens", "provenance_json", "prefill_s_per_token")
+    __slots__ = ("name", "step_overhead_s", "weights_read_s", "kv_read_s_per_token", "compute_s_per_token", "swap_s_per_token", "block_size", "kv_blocks_total", "max_batch", "max_batched_tokens", "provenance_json", "prefill_s_per_token", "attention_s_per_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEP_OVERHEAD_S_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_READ_S_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class LatencyProfile(_message.Message):
     MAX_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_JSON_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     step_overhead_s: float
     weights_read_s: float
@@ -166,7 +167,8 @@ class LatencyProfile(_message.Message):
     max_batched_tokens: int
     provenance_json: str
     prefill_s_per_token: float
-    def __init__(self, name: _Optional[str] = ..., step_overhead_s: _Optional[float] = ..., weights_read_s: _Optional[float] = ..., kv_read_s_per_token: _Optional[float] = ..., compute_s_per_token: _Optional[float] = ..., swap_s_per_token: _Optional[float] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_batched_tokens: _Optional[int] = ..., provenance_json: _Optional[str] = ..., prefill_s_per_token: _Optional[float] = ...) -> None: ...
+    attention_s_per_token: float
+    def __init__(self, name: _Optional[str] = ..., step_overhead_s: _Optional[float] = ..., weights_read_s: _Optional[float] = ..., kv_read_s_per_token: _Optional[float] = ..., compute_s_per_token: _Optional[float] = ..., swap_s_per_token: _Optional[float] = ..., block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_batched_tokens: _Optional[int] = ..., provenance_json: _Optional[str] = ..., prefill_s_per_token: _Optional[float] = ..., attention_s_per_token: _Optional[float] = ...) -> None: ...
 
 class RequestProgress(_message.Message):
     __slots__ = ("request_id", "generated_tokens", "state", "kv_blocks")
