@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,63 @@ def run_ours(model: str, policy: str, out: Path, args: argparse.Namespace) -> No
         loadgen(f"http://{cluster.http_addr}/v1", out, args)
 
 
+def result_file(out: Path, name: str, round_index: int) -> Path:
+    """Round 1 keeps the plain name (what ``--systems`` reuses); later rounds are suffixed."""
+    return out / (f"{name}.json" if round_index == 1 else f"{name}_r{round_index}.json")
+
+
+def round_order(systems: list[str], round_index: int) -> list[str]:
+    """Odd rounds in the given order, even rounds reversed: the machine's speed drifts over
+    minutes, and alternating the order keeps that drift from favouring one system."""
+    ordered = [name for name in SYSTEMS if name in systems]
+    return ordered if round_index % 2 == 1 else ordered[::-1]
+
+
+def run_system(name: str, model: str, out: Path, args: argparse.Namespace, scratch: Path) -> None:
+    if name == "vllm":
+        run_stock(model, out, args, scratch / "vllm-serve.log")
+    else:
+        run_ours(model, name, out, args)
+
+
+def summarize(files: dict[str, list[Path]], command: str) -> dict[str, object]:
+    """Each system's figures per round and their medians, and andes over stock vLLM both
+    per round (runs minutes apart) and as the ratio of the medians. The overload is the
+    workload's output tokens per second of arrivals over what stock vLLM made: the same rate
+    overloads a slower machine more."""
+    rows = {name: [json.loads(path.read_text())["results"][0] for path in paths]
+            for name, paths in files.items()}
+
+    def per_round(key: str) -> dict[str, list[float]]:
+        return {name: [row[key] for row in runs] for name, runs in rows.items()}
+
+    avg_qoe, throughput = per_round("avg_qoe"), per_round("throughput_tok_s")
+    paired = min(len(avg_qoe["vllm"]), len(avg_qoe["andes"]))
+    qoe_ratios = [avg_qoe["andes"][i] / avg_qoe["vllm"][i] for i in range(paired)]
+    throughput_ratios = [throughput["andes"][i] / throughput["vllm"][i] for i in range(paired)]
+    median_qoe = {name: statistics.median(values) for name, values in avg_qoe.items()}
+    median_throughput = {name: statistics.median(values) for name, values in throughput.items()}
+    stock_requests = rows["vllm"][0]["per_request"]
+    offered_tok_s = (sum(request["tokens"] for request in stock_requests)
+                     / max(request["intended_s"] for request in stock_requests))
+    return {
+        "command": command,
+        "rounds": max(len(paths) for paths in files.values()),
+        "offered_tok_s": offered_tok_s,
+        "overload_by_round": [offered_tok_s / value for value in throughput["vllm"]],
+        "avg_qoe": median_qoe,
+        "throughput_tok_s": median_throughput,
+        "avg_qoe_by_round": avg_qoe,
+        "throughput_tok_s_by_round": throughput,
+        "valid_by_round": {name: [bool(row["valid"]) for row in runs]
+                           for name, runs in rows.items()},
+        "andes_over_stock_avg_qoe_by_round": qoe_ratios,
+        "andes_over_stock_throughput_by_round": throughput_ratios,
+        "andes_over_stock_avg_qoe": median_qoe["andes"] / median_qoe["vllm"],
+        "andes_over_stock_throughput": median_throughput["andes"] / median_throughput["vllm"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="model directory (default: build the --shape model)")
@@ -113,6 +171,12 @@ def main() -> None:
                              f"(default {KV_BLOCKS})")
     parser.add_argument("--max-preemptions", type=int,
                         help="andes: planned preemptions per request (default: the policy's, 1)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all the systems, interleaved (order reversed every other "
+                             "round); the summary gives per-round figures and medians")
+    parser.add_argument("--repeat-systems",
+                        help="the systems that rounds 2 and later run (default: all of "
+                             "--systems), e.g. vllm,andes to repeat only the pair compared")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="the systems to run (the others' results are read from --out, "
@@ -122,32 +186,34 @@ def main() -> None:
     if unknown := set(systems) - set(SYSTEMS):
         parser.error(f"--systems: unknown {', '.join(sorted(unknown))} (known: "
                      f"{', '.join(SYSTEMS)})")
+    repeated = systems if args.repeat_systems is None else [
+        name.strip() for name in args.repeat_systems.split(",") if name.strip()]
+    if stray := set(repeated) - set(systems):
+        parser.error(f"--repeat-systems: {', '.join(sorted(stray))} not in --systems")
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
-    files = {name: args.out / f"{name}.json" for name in SYSTEMS}
-    if missing := [name for name in SYSTEMS if name not in systems and not files[name].exists()]:
+    if missing := [name for name in SYSTEMS
+                   if name not in systems and not result_file(args.out, name, 1).exists()]:
         parser.error(f"no earlier results in {args.out} for {', '.join(missing)}: run them too")
+    files = {name: [result_file(args.out, name, 1)] for name in SYSTEMS}
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
         if model is None:
             from andes.tiny_model import build_tiny_model
 
             model = str(build_tiny_model(Path(scratch) / args.shape, shape=args.shape))
-        if "vllm" in systems:
-            run_stock(model, files["vllm"], args, Path(scratch) / "vllm-serve.log")
-        for policy in ("fcfs", "andes"):
-            if policy in systems:
-                run_ours(model, policy, files[policy], args)
-    subprocess.run([sys.executable, "-m", "loadgen", "report", *map(str, files.values()),
+        for round_index in range(1, args.repeats + 1):
+            for name in round_order(systems if round_index == 1 else repeated, round_index):
+                path = result_file(args.out, name, round_index)
+                print(f"round {round_index}/{args.repeats}: {name}", flush=True)
+                run_system(name, model, path, args, Path(scratch))
+                if round_index > 1:
+                    files[name].append(path)
+    subprocess.run([sys.executable, "-m", "loadgen", "report",
+                    *(str(path) for paths in files.values() for path in paths),
                     "--out", str(args.out)], check=True)
-    rows = {name: json.loads(path.read_text())["results"][0] for name, path in files.items()}
-    stock, andes = rows["vllm"], rows["andes"]
-    summary = {
-        "command": "python benchmarks/vs_vllm.py " + " ".join(sys.argv[1:]),
-        "avg_qoe": {name: row["avg_qoe"] for name, row in rows.items()},
-        "throughput_tok_s": {name: row["throughput_tok_s"] for name, row in rows.items()},
-        "andes_over_stock_avg_qoe": andes["avg_qoe"] / stock["avg_qoe"],
-        "andes_over_stock_throughput": andes["throughput_tok_s"] / stock["throughput_tok_s"],
-    }
+    summary = summarize(files, "python benchmarks/vs_vllm.py " + " ".join(sys.argv[1:]))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
