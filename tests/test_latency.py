@@ -119,27 +119,35 @@ def test_a100_40g_has_less_kv_than_a100_80g() -> None:
     assert small.compute_s_per_token == large.compute_s_per_token
 
 
-def test_cpu_tiny_is_measured_by_the_vllm_backend() -> None:
-    prov = load_profile("cpu-tiny").provenance
+MEASURED_PROFILES = ("cpu-tiny", "cpu-small")
+"""Profiles the vllm backend measured (``python -m worker.vllm_profile``) on this machine kind."""
+
+
+@pytest.mark.parametrize("name", MEASURED_PROFILES)
+def test_cpu_profiles_are_measured_by_the_vllm_backend(name: str) -> None:
+    prov = load_profile(name).provenance
     assert prov["kind"] == "measured"
     assert prov["command"].startswith("python -m worker.vllm_profile")
 
 
-def _cpu_tiny_measurements() -> list[tuple[float, float, float, float]]:
-    """(decode batch, context tokens, prefill tokens, seconds) of each calibration step."""
-    measured = _profile_json("cpu-tiny")["provenance"]["measurements"]
-    rows = [(float(b), float(b * SHORT_CONTEXT), 0.0, t)
+def _measurements(name: str) -> list[tuple[str, float, float, float, float]]:
+    """(profile, decode batch, context tokens, prefill tokens, seconds) of each calibration
+    step of a measured profile."""
+    measured = _profile_json(name)["provenance"]["measurements"]
+    rows = [(name, float(b), float(b) * SHORT_CONTEXT, 0.0, t)
             for b, t in measured["decode_step_s_by_batch"].items()]
     if long := measured.get("decode_step_s_by_context"):
-        rows.append((float(long["batch"]), float(long["context_tokens"]), 0.0, long["step_s"]))
-    return rows + [(0.0, 0.0, float(n), t)
+        rows.append((name, float(long["batch"]), float(long["context_tokens"]), 0.0,
+                     long["step_s"]))
+    return rows + [(name, 0.0, 0.0, float(n), t)
                    for n, t in measured["prefill_step_s_by_tokens"].items()]
 
 
-@pytest.mark.parametrize(("batch", "context", "prefill", "measured"), _cpu_tiny_measurements())
-def test_cpu_tiny_reproduces_its_measured_step_times(batch: float, context: float,
-                                                     prefill: float, measured: float) -> None:
-    profile = load_profile("cpu-tiny")
+@pytest.mark.parametrize(("name", "batch", "context", "prefill", "measured"),
+                         [row for name in MEASURED_PROFILES for row in _measurements(name)])
+def test_measured_profiles_reproduce_their_step_times(name: str, batch: float, context: float,
+                                                      prefill: float, measured: float) -> None:
+    profile = load_profile(name)
     predicted = profile.iteration_time(batch, context, prefill)
     assert predicted == pytest.approx(measured, rel=0.25)
 

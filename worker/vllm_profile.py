@@ -125,7 +125,7 @@ def fit_profile(backend: VllmBackend, measured: dict[str, Any], name: str) -> La
     """``t = overhead + decode_cost * batch + attention_cost * context + prefill_cost *
     tokens``, least squares on relative error (decode and prefill tokens cost differently on
     a CPU). Without a long-context measurement the attention cost is 0."""
-    rows = [(1.0, float(b), float(b * SHORT_CONTEXT), 0.0, t)
+    rows = [(1.0, float(b), float(b) * SHORT_CONTEXT, 0.0, t)
             for b, t in measured["decode_step_s_by_batch"].items()]
     if long := measured.get("decode_step_s_by_context"):
         rows.append((1.0, float(long["batch"]), float(long["context_tokens"]), 0.0,
