@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from andes.latency import LatencyProfile
 from andes.policies.base import PreemptionMode, State
@@ -74,9 +74,13 @@ class Finished:
     generated_tokens: int
 
 
-@dataclass(frozen=True)
-class Progress:
-    """One held request as the step report describes it."""
+class Progress(NamedTuple):
+    """One held request as the step report describes it.
+
+    A named tuple, not a dataclass: a vllm worker's engine process lists every held request
+    after every step and sends the ones that changed, so with a thousand queued requests
+    building and comparing these is a few percent of the engine's time; tuples build and
+    compare in C at about half the cost."""
 
     request_id: str
     generated_tokens: int
