@@ -106,8 +106,9 @@ def result_file(out: Path, name: str, round_index: int) -> Path:
 
 
 def round_order(systems: list[str], round_index: int) -> list[str]:
-    """Odd rounds in the given order, even rounds reversed: the machine's speed drifts over
-    minutes, and alternating the order keeps that drift from favouring one system."""
+    """Odd rounds in the order of ``SYSTEMS``, even rounds reversed: the machine's speed
+    drifts over minutes, and alternating the order keeps that drift from favouring one
+    system."""
     ordered = [name for name in SYSTEMS if name in systems]
     return ordered if round_index % 2 == 1 else ordered[::-1]
 
