@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from andes.latency import LatencyProfile, list_profiles, load_profile, profiles_dir
-from worker.vllm_profile import SHORT_CONTEXT, fit_profile
+from worker.vllm_profile import SHORT_CONTEXT, calibration_steps, fit_profile
 
 PROFILES = list_profiles()
 GPU_PROFILES = [
@@ -134,13 +134,7 @@ def _measurements(name: str) -> list[tuple[str, float, float, float, float]]:
     """(profile, decode batch, context tokens, prefill tokens, seconds) of each calibration
     step of a measured profile."""
     measured = _profile_json(name)["provenance"]["measurements"]
-    rows = [(name, float(b), float(b) * SHORT_CONTEXT, 0.0, t)
-            for b, t in measured["decode_step_s_by_batch"].items()]
-    if long := measured.get("decode_step_s_by_context"):
-        rows.append((name, float(long["batch"]), float(long["context_tokens"]), 0.0,
-                     long["step_s"]))
-    return rows + [(name, 0.0, 0.0, float(n), t)
-                   for n, t in measured["prefill_step_s_by_tokens"].items()]
+    return [(name, *step) for step in calibration_steps(measured)]
 
 
 @pytest.mark.parametrize(("name", "batch", "context", "prefill", "measured"),
@@ -150,7 +144,6 @@ def test_measured_profiles_reproduce_their_step_times(name: str, batch: float, c
     profile = load_profile(name)
     predicted = profile.iteration_time(batch, context, prefill)
     assert predicted == pytest.approx(measured, rel=0.25)
-
 
 
 def test_the_start_up_fit_recovers_the_attention_cost() -> None:

@@ -121,29 +121,34 @@ def _measure_long_context(backend: VllmBackend) -> dict[str, Any]:
             "step_s": statistics.median(times[-(DECODE_STEPS // 2):])}
 
 
+def calibration_steps(measured: dict[str, Any]) -> list[tuple[float, float, float, float]]:
+    """(decode batch, context tokens, prefill tokens, seconds) of each measured calibration
+    step: what the fit explains and what a profile's predictions are checked against."""
+    steps = [(float(b), float(b) * SHORT_CONTEXT, 0.0, t)
+             for b, t in measured["decode_step_s_by_batch"].items()]
+    if long := measured.get("decode_step_s_by_context"):
+        steps.append((float(long["batch"]), float(long["context_tokens"]), 0.0, long["step_s"]))
+    return steps + [(0.0, 0.0, float(n), t)
+                    for n, t in measured["prefill_step_s_by_tokens"].items()]
+
+
 def fit_profile(backend: VllmBackend, measured: dict[str, Any], name: str) -> LatencyProfile:
     """``t = overhead + decode_cost * batch + attention_cost * context + prefill_cost *
     tokens``, least squares on relative error (decode and prefill tokens cost differently on
     a CPU). Without a long-context measurement the attention cost is 0."""
-    rows = [(1.0, float(b), float(b) * SHORT_CONTEXT, 0.0, t)
-            for b, t in measured["decode_step_s_by_batch"].items()]
-    if long := measured.get("decode_step_s_by_context"):
-        rows.append((1.0, float(long["batch"]), float(long["context_tokens"]), 0.0,
-                     long["step_s"]))
-    rows += [(1.0, 0.0, 0.0, float(n), t)
-             for n, t in measured["prefill_step_s_by_tokens"].items()]
+    rows = [(1.0, *step) for step in calibration_steps(measured)]
+    long = measured.get("decode_step_s_by_context")
     table = np.array(rows)
     seconds = table[:, 4]
     columns = [0, 1, 2, 3] if long else [0, 1, 3]
     design = table[:, columns] / seconds[:, None]
     solution, *_ = np.linalg.lstsq(design, np.ones_like(seconds), rcond=None)
     fitted = dict(zip(columns, (float(x) for x in solution), strict=True))
-    overhead = fitted[0]
     decode, prefill = max(fitted[1], 1e-9), max(fitted[3], 1e-9)
     attention = max(fitted.get(2, 0.0), 0.0)
     return LatencyProfile(
         name=name,
-        step_overhead_s=max(float(overhead), 0.0),
+        step_overhead_s=max(fitted[0], 0.0),
         weights_read_s=0.0,
         kv_read_s_per_token=0.0,
         compute_s_per_token=decode,
@@ -210,19 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     profile = fit_profile(backend, measured, args.name or out.stem)
     predicted: dict[str, Any] = {
-        "decode": {b: profile.iteration_time(float(b), float(b * SHORT_CONTEXT))
+        "decode": {b: profile.iteration_time(float(b), float(b) * SHORT_CONTEXT)
                    for b in measured["decode_step_s_by_batch"]},
         "prefill": {n: profile.iteration_time(0.0, 0.0, float(n))
                     for n in measured["prefill_step_s_by_tokens"]},
     }
-    errors = [abs(predicted["decode"][b] / t - 1)
-              for b, t in measured["decode_step_s_by_batch"].items()]
     if long := measured["decode_step_s_by_context"]:
         predicted["decode_long_context"] = profile.iteration_time(
             float(long["batch"]), float(long["context_tokens"]))
-        errors.append(abs(predicted["decode_long_context"] / long["step_s"] - 1))
-    errors += [abs(predicted["prefill"][n] / t - 1)
-               for n, t in measured["prefill_step_s_by_tokens"].items()]
+    errors = [abs(profile.iteration_time(batch, context, prefill) / seconds - 1)
+              for batch, context, prefill, seconds in calibration_steps(measured)]
     import vllm
 
     document = {
