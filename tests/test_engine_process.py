@@ -170,3 +170,19 @@ def test_a_dead_child_fails_every_call(engine: EngineProcess) -> None:
 def test_an_engine_that_cannot_start_raises_its_error() -> None:
     with pytest.raises(ValueError, match="no-such-profile"):
         EngineProcess(build_engine, _config(profile="no-such-profile"))
+
+
+def test_the_child_runs_at_the_niceness_asked_for() -> None:
+    """The engine runs before the services beside it; a niceness the process may not take
+    (raising priority without CAP_SYS_NICE) leaves it at the worker's, and it still serves."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for asked in (min(mine + 3, 19), -10):
+        process = EngineProcess(build_engine, _config(), nice=asked)
+        try:
+            assert process.pid is not None
+            child = os.getpriority(os.PRIO_PROCESS, process.pid)
+            # Raising priority needs CAP_SYS_NICE, which a container may lack even as root.
+            assert child == asked if asked >= mine else child in (asked, mine)
+            assert process.add(_spec("a")) == [] and process.holds("a")
+        finally:
+            process.close()

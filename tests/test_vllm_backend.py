@@ -103,6 +103,10 @@ def test_cancel_during_decode_frees_kv_at_once(backend: object) -> None:
     held = {p.request_id: p.kv_blocks for p in backend.progress()}  # type: ignore
     assert held[long.request_id] >= 1
     assert backend.kv_blocks_free == free_before - held[long.request_id]  # type: ignore
+    # Counted from the KV managers' own lists: the same as vLLM's block id lists.
+    internal = backend._internal[long.request_id]  # type: ignore[attr-defined]
+    manager = backend.scheduler.kv_cache_manager  # type: ignore[attr-defined]
+    assert held[long.request_id] == sum(len(ids) for ids in manager.get_block_ids(internal))
     done = backend.cancel((long.request_id, long.request_id, "unknown"))  # type: ignore
     assert [(d.request_id, d.reason, d.generated_tokens) for d in done] == [
         (long.request_id, generation_pb2.FINISH_REASON_CANCELLED, 20)]

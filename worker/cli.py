@@ -23,6 +23,7 @@ from andes.heap import settle_heap
 from andes.tls import ChannelTls, TlsError
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
+from worker.engine_process import ENGINE_NICE
 from worker.service import BACKENDS, WorkerConfig, WorkerService, start_engine
 from worker.session import RegistrationRefusedError
 from worker.vllm_backend import VllmConfig
@@ -85,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       default=_env_int("ANDES_KV_CACHE_MEMORY_BYTES"),
                       help="GPU: memory reserved for the KV cache, bytes")
     vllm.add_argument("--seed", type=int, default=_env_int("ANDES_SEED") or 0)
+    vllm.add_argument("--engine-nice", type=int,
+                      default=int(env("ANDES_ENGINE_NICE", str(ENGINE_NICE))),
+                      help="niceness of the engine's process: lower runs first (below 0 needs "
+                           "root or CAP_SYS_NICE, else the engine keeps the worker's)")
     vllm.add_argument("--no-measure-profile", action="store_true",
                       help="register a flat default profile instead of measuring at start-up")
     parser.add_argument("--metrics-port", type=int,
@@ -99,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.host_kv_blocks < 0:
         parser.error("--host-kv-blocks must be >= 0")
+    if not -20 <= args.engine_nice <= 19:
+        parser.error("--engine-nice must be in [-20, 19]")
     if not 0 <= args.publish_interval_ms < 10_000:
         parser.error("--publish-interval-ms must be in [0, 10000)")
     if args.backend == "vllm" and not args.model:
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=args.max_batch,
         host_kv_blocks=args.host_kv_blocks,
         publish_interval_s=args.publish_interval_ms / 1000,
+        engine_nice=args.engine_nice,
         scheduler_tls=ChannelTls(ca=args.scheduler_tls_ca, cert=args.scheduler_tls_cert,
                                  key=args.scheduler_tls_key,
                                  server_name=args.scheduler_tls_server_name),

@@ -60,6 +60,13 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 1800.0
 """A real engine may measure its profile at start-up: minutes on a slow machine."""
 
+ENGINE_NICE = -10
+"""The engine process's niceness: it runs before the services beside it. Every token waits
+for the engine's steps, while the services' work (publishing, reports, gRPC writes) is short
+and can wait a moment; on a host where the engine shares its CPUs with them, a burst of their
+work would otherwise slow the step under way. Below 0 needs root or CAP_SYS_NICE: without
+them the engine keeps the worker's niceness."""
+
 
 class EngineDiedError(RuntimeError):
     """The engine process is gone: the worker cannot go on (the scheduler moves its requests
@@ -86,15 +93,17 @@ class EngineProcess:
     """An :class:`Engine` whose calls run in a child process (see the module docstring).
 
     ``build`` is called in the child: a module-level function (it is pickled by reference),
-    with ``config`` as its only argument."""
+    with ``config`` as its only argument. ``nice``: the child's niceness (None: the
+    worker's)."""
 
     blocking = True
 
-    def __init__(self, build: Callable[[Any], Engine], config: Any) -> None:
+    def __init__(self, build: Callable[[Any], Engine], config: Any, *,
+                 nice: int | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(build, config, child_conn), name="engine", daemon=True
+            target=_serve, args=(build, config, child_conn, nice), name="engine", daemon=True
         )
         self._process.start()
         child_conn.close()
@@ -223,12 +232,15 @@ class EngineProcess:
 _CALLS = frozenset({"add", "cancel", "progress"})
 
 
-def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection) -> None:
+def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
+           nice: int | None) -> None:
     """The child: build the engine, then serve the parent until it goes away."""
     logging.basicConfig(
         level=os.environ.get("ANDES_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
     )
+    if nice is not None:
+        _set_nice(nice)
     try:
         engine = build(config)
     except BaseException as err:  # reported to the parent, which stops the worker
@@ -241,6 +253,16 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection) -> Non
         _EngineCore(engine, conn).run()
     except (EOFError, OSError):
         return  # the worker is gone
+
+
+def _set_nice(nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as err:  # PermissionError without CAP_SYS_NICE
+        log.warning("the engine keeps niceness %d (could not set %d: %s)",
+                    os.getpriority(os.PRIO_PROCESS, 0), nice, err)
+    else:
+        log.info("engine process niceness %d", nice)
 
 
 @dataclass

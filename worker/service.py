@@ -19,6 +19,7 @@ from andes.redis_packing import HiredisPackedConnection
 from andes.tls import ChannelTls
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
+from worker.engine_process import ENGINE_NICE
 from worker.loop import WorkerLoop
 from worker.publisher import TokenPublisher
 from worker.session import SchedulerSession, cancel_and_wait
@@ -52,6 +53,8 @@ class WorkerConfig:
     override its ``num_gpu_blocks`` and ``max_num_seqs``)."""
     scheduler_tls: ChannelTls = field(default_factory=ChannelTls)
     """TLS of the session with the scheduler (empty: plaintext)."""
+    engine_nice: int = ENGINE_NICE
+    """Niceness of a real engine's process (see :mod:`worker.engine_process`)."""
 
 
 def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | None]:
@@ -63,7 +66,8 @@ def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | Non
         return build_engine(config), None
     from worker.engine_process import EngineProcess
 
-    return EngineProcess(build_engine, config), ThreadPoolExecutor(1, "engine")
+    return (EngineProcess(build_engine, config, nice=config.engine_nice),
+            ThreadPoolExecutor(1, "engine"))
 
 
 def build_engine(config: WorkerConfig) -> Engine:

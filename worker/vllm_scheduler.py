@@ -73,7 +73,11 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
     # -- what it holds -----------------------------------------------------------------
 
     def kv_blocks_of(self, request_id: str) -> int:
-        return sum(len(ids) for ids in self.kv_cache_manager.get_block_ids(request_id))
+        # Counted where the KV managers keep them: ``get_block_ids`` builds every block id
+        # list first, which over a full batch after every step cost more than the rest of
+        # listing the held requests (0.15 ms for 64 requests).
+        return sum(len(manager.req_to_blocks.get(request_id, ()))
+                   for manager in self.kv_cache_manager.coordinator.single_type_managers)
 
     @property
     def kv_blocks_total(self) -> int:
