@@ -186,3 +186,16 @@ def test_the_child_runs_at_the_niceness_asked_for() -> None:
             assert process.add(_spec("a")) == [] and process.holds("a")
         finally:
             process.close()
+
+
+def test_the_engine_niceness_comes_from_the_flag_or_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.cli import parse_args
+
+    base = ["--backend", "vllm", "--model", "/m"]
+    assert parse_args(base).engine_nice == -10
+    monkeypatch.setenv("ANDES_ENGINE_NICE", "0")
+    assert parse_args(base).engine_nice == 0
+    assert parse_args([*base, "--engine-nice", "5"]).engine_nice == 5
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--engine-nice", "-21"])

@@ -19,7 +19,7 @@ from andes.redis_packing import HiredisPackedConnection
 from andes.tls import ChannelTls
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
-from worker.engine_process import ENGINE_NICE
+from worker.engine_process import ENGINE_NICE, EngineProcess
 from worker.loop import WorkerLoop
 from worker.publisher import TokenPublisher
 from worker.session import SchedulerSession, cancel_and_wait
@@ -64,8 +64,6 @@ def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | Non
     otherwise compete for the GIL with the worker's I/O); the emulated one runs in-process."""
     if config.backend != "vllm":
         return build_engine(config), None
-    from worker.engine_process import EngineProcess
-
     return (EngineProcess(build_engine, config, nice=config.engine_nice),
             ThreadPoolExecutor(1, "engine"))
 
