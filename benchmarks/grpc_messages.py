@@ -33,6 +33,7 @@ import grpc
 import uvloop
 
 from andes.v1 import generation_pb2
+from gateway.server import pending_call_options
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grpc_messages.json"
 METHOD = "/andes.v1.GenerationService/Generate"
@@ -55,7 +56,8 @@ def _message(index: int) -> generation_pb2.GenerateResponse:
 def _handler(mode: str, messages: int, period_s: float) -> Callable[..., Any]:
     async def write(request: Any, context: Any) -> None:
         for i in range(messages):
-            await context.write(_message(i))
+            message = _message(i)
+            await context.write(message.SerializeToString() if mode == "bytes" else message)
             await asyncio.sleep(period_s)
 
     async def generate(request: Any, context: Any) -> AsyncIterator[Any]:
@@ -63,20 +65,13 @@ def _handler(mode: str, messages: int, period_s: float) -> Callable[..., Any]:
             yield _message(i)
             await asyncio.sleep(period_s)
 
-    async def write_bytes(request: Any, context: Any) -> None:
-        for i in range(messages):
-            await context.write(_message(i).SerializeToString())
-            await asyncio.sleep(period_s)
-
-    return {"write": write, "yield": generate, "bytes": write_bytes}[mode]
+    return generate if mode == "yield" else write
 
 
-async def _serve(mode: str, messages: int, period_s: float, conn: Connection) -> None:
-    limit = 16_384  # a burst of calls must not be dropped before the loop accepts them
-    server = grpc.aio.server(options=[
-        ("grpc.server.max_pending_requests", limit),
-        ("grpc.server.max_pending_requests_hard_limit", limit),
-    ])
+async def _serve(mode: str, messages: int, period_s: float, streams: int,
+                 conn: Connection) -> None:
+    # The gateway's room for calls not yet accepted: a burst must not be dropped by grpc-core.
+    server = grpc.aio.server(options=pending_call_options(streams))
     serializer = ((lambda raw: raw) if mode == "bytes"
                   else generation_pb2.GenerateResponse.SerializeToString)
     handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
@@ -95,8 +90,9 @@ async def _serve(mode: str, messages: int, period_s: float, conn: Connection) ->
     await server.stop(0)
 
 
-def _server_process(mode: str, messages: int, period_s: float, conn: Connection) -> None:
-    uvloop.run(_serve(mode, messages, period_s, conn))
+def _server_process(mode: str, messages: int, period_s: float, streams: int,
+                    conn: Connection) -> None:
+    uvloop.run(_serve(mode, messages, period_s, streams, conn))
 
 
 async def _client(port: int, streams: int, channels: int) -> tuple[int, float, float]:
@@ -125,7 +121,8 @@ async def _client(port: int, streams: int, channels: int) -> tuple[int, float, f
 def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
     parent, child = multiprocessing.get_context("spawn").Pipe()
     server = multiprocessing.get_context("spawn").Process(
-        target=_server_process, args=(mode, args.messages, args.period_ms / 1000, child))
+        target=_server_process,
+        args=(mode, args.messages, args.period_ms / 1000, args.streams, child))
     server.start()
     port = parent.recv()
     received, wall, client_cpu = uvloop.run(_client(port, args.streams, args.channels))
