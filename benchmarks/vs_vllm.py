@@ -92,9 +92,9 @@ def run_ours(model: str, policy: str, out: Path, args: argparse.Namespace) -> No
                    "--max-batched-tokens", ENGINE["max-num-batched-tokens"],
                    "--dtype", ENGINE["dtype"], "--max-model-len", ENGINE["max-model-len"],
                    "--block-size", ENGINE["block-size"],
-                   # Stock vLLM's engine core runs at the default niceness; so does ours here,
-                   # so the comparison is of the schedulers alone.
-                   "--engine-nice", "0"]
+                   # Stock vLLM's engine core and front end run at the default niceness; so
+                   # do ours here, so the comparison is of the schedulers alone.
+                   "--engine-nice", "0", "--worker-nice", "0"]
     config = ClusterConfig(backend="vllm", model=model, workers=1, policy=policy,
                            gateway_port=free_port(), scheduler_port=free_port(),
                            http_port=free_port(), worker_args=tuple(worker_args),

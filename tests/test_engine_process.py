@@ -188,7 +188,7 @@ def test_the_child_runs_at_the_niceness_asked_for() -> None:
             process.close()
 
 
-def test_the_engine_niceness_comes_from_the_flag_or_the_environment(
+def test_the_niceness_comes_from_the_flags_or_the_environment(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.cli import parse_args
 
@@ -199,3 +199,9 @@ def test_the_engine_niceness_comes_from_the_flag_or_the_environment(
     assert parse_args([*base, "--engine-nice", "5"]).engine_nice == 5
     with pytest.raises(SystemExit):
         parse_args([*base, "--engine-nice", "-21"])
+    assert parse_args(base).worker_nice == -5
+    monkeypatch.setenv("ANDES_WORKER_NICE", "2")
+    assert parse_args(base).worker_nice == 2
+    assert parse_args([*base, "--worker-nice", "0"]).worker_nice == 0
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--worker-nice", "20"])

@@ -202,3 +202,71 @@ def test_a_stale_writer_never_overlaps_the_new_one(redis_url: str) -> None:
         await redis.aclose()
 
     asyncio.run(scenario())
+
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.sampled_from("abc"), st.integers(1, 3)),
+    st.tuples(st.just("finish"), st.sampled_from("abc"), st.just(0)),
+    st.tuples(st.just("forget"), st.sampled_from("abc"), st.just(0)),
+    st.tuples(st.just("flush"), st.sampled_from("abc"), st.integers(0, 1)),
+    st.tuples(st.just("tick"), st.sampled_from("abc"), st.integers(0, 60)),
+    st.tuples(st.just("other writer"), st.sampled_from("abc"), st.integers(-2, 3)),
+), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_OPS)
+def test_what_waits_is_counted_as_it_changes(redis_url: str,
+                                              ops: list[tuple[str, str, int]]) -> None:
+    """The publisher keeps its count of waiting tokens, whether anything waits and which
+    requests' published index moved as things happen, instead of looking at every request
+    held (a thousand queued requests would cost a millisecond per iteration). Whatever the
+    sequence of tokens, endings, forgotten requests, flushes, elapsed time and appends by
+    another writer, the counts are what the requests' own figures add up to."""
+
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_url)
+        clock = Clock()
+        publisher = TokenPublisher(redis, interval_s=0.05, clock=clock)
+        run_id = uuid.uuid4().hex[:8]
+        keys = {rid: f"pub-{run_id}-{rid}" for rid in "abc"}
+        made = dict.fromkeys("abc", 0)
+        ending = dict.fromkeys("abc", False)
+        live = set("abc")
+        for rid in "abc":
+            publisher.open(rid, keys[rid], 0)
+        last_published = dict.fromkeys("abc", 0)
+        for op, rid, arg in ops:
+            if op == "add" and rid in live and not ending[rid]:
+                publisher.add(TokenRun(rid, made[rid], tuple(range(made[rid], made[rid] + arg)),
+                                       "t" * arg))
+                made[rid] += arg
+            elif op == "finish" and rid in live:
+                publisher.finish(rid, LENGTH)
+                ending[rid] = True
+            elif op == "forget":
+                publisher.forget(rid)
+                live.discard(rid)
+            elif op == "flush":
+                done = await publisher.flush(force=bool(arg))
+                live.difference_update(done or [])
+            elif op == "tick":
+                clock.now += arg / 1000
+            elif op == "other writer":  # appends where the stream ends, maybe past ours
+                chunks = await _entries(redis, keys[rid])
+                end = chunks[-1].end if chunks else 0
+                if arg > 0 and not (chunks and chunks[-1].finish_reason):
+                    await redis.xadd(keys[rid], tokenstream.encode_chunk(tokenstream.TokenChunk(
+                        end, tuple(range(end, end + arg)), "o" * arg)))
+            waiting = {r: max(made[r] - publisher.published(r), 0) for r in live}
+            assert publisher.pending_tokens == sum(waiting.values())
+            assert publisher.has_pending == any(
+                waiting[r] or (ending[r] and r in live) for r in live)
+            moved = publisher.take_published_moved()
+            for r in "abc":
+                if publisher.published(r) != last_published[r]:
+                    assert r in moved, (r, last_published[r], publisher.published(r))
+                last_published[r] = publisher.published(r)
+        await redis.aclose()
+
+    asyncio.run(scenario())

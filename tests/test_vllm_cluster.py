@@ -8,8 +8,10 @@ the same prompts, also when the KV budget forces preemptions and resumes on the 
 from __future__ import annotations
 
 import asyncio
+import os
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -79,6 +81,15 @@ def test_real_tokens_stream_through_the_cluster(cluster: LocalCluster,
         assert messages[-1].finish_reason in (
             generation_pb2.FINISH_REASON_LENGTH, generation_pb2.FINISH_REASON_STOP)
         assert messages[-1].usage.completion_tokens == len(expected)
+    # The worker feeds its engine every step: it runs before the services beside it (where
+    # raising priority is allowed), the engine before it.
+    worker = cluster.pids()["worker-0"]
+    engine = next(int(child) for child in
+                  Path(f"/proc/{worker}/task/{worker}/children").read_text().split()
+                  if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes())
+    if os.getpriority(os.PRIO_PROCESS, os.getpid()) == 0 and os.geteuid() == 0:
+        assert os.getpriority(os.PRIO_PROCESS, worker) == -5
+        assert os.getpriority(os.PRIO_PROCESS, engine) == -10
 
 
 def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,

@@ -80,7 +80,12 @@ class Run:
             assert self.backend.has_work(), f"stuck: {states}"  # type: ignore[attr-defined]
 
     def states(self) -> dict[str, State]:
-        return {p.request_id: p.state for p in self.backend.progress()}  # type: ignore
+        listed = self.backend.progress()  # type: ignore[attr-defined]
+        # The held and parked requests' listing is kept between calls until they change:
+        # listed afresh, every request must be where the kept listing says.
+        self.backend._set_aside = (-1, [])  # type: ignore[attr-defined]
+        assert self.backend.progress() == listed  # type: ignore[attr-defined]
+        return {p.request_id: p.state for p in listed}
 
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a city by the sea,",

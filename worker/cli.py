@@ -23,7 +23,7 @@ from andes.heap import settle_heap
 from andes.tls import ChannelTls, TlsError
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
-from worker.engine_process import ENGINE_NICE
+from worker.engine_process import ENGINE_NICE, FEEDER_NICE
 from worker.service import BACKENDS, WorkerConfig, WorkerService, start_engine
 from worker.session import RegistrationRefusedError
 from worker.vllm_backend import VllmConfig
@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a running request's tokens wait up to this long to be published "
                              "together (its first tokens and its end never wait; 0: every "
                              "iteration)")
+    parser.add_argument("--report-interval-ms", type=float,
+                        default=float(env("ANDES_REPORT_INTERVAL_MS", "20")),
+                        help="a step report that only carries running requests' progress "
+                             "waits up to this long for the next step's (endings, forced "
+                             "preemptions and applied plans never wait; 0: every iteration)")
     vllm = parser.add_argument_group("vllm backend")
     vllm.add_argument("--model", default=env("ANDES_MODEL"),
                       help="model directory (HF format; nothing is downloaded)")
@@ -90,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       default=int(env("ANDES_ENGINE_NICE", str(ENGINE_NICE))),
                       help="niceness of the engine's process: lower runs first (below 0 needs "
                            "root or CAP_SYS_NICE, else the engine keeps the worker's)")
+    vllm.add_argument("--worker-nice", type=int,
+                      default=int(env("ANDES_WORKER_NICE", str(FEEDER_NICE))),
+                      help="niceness of the worker's own process, which feeds the engine "
+                           "every step (below 0 needs root or CAP_SYS_NICE)")
     vllm.add_argument("--no-measure-profile", action="store_true",
                       help="register a flat default profile instead of measuring at start-up")
     parser.add_argument("--metrics-port", type=int,
@@ -104,10 +113,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.host_kv_blocks < 0:
         parser.error("--host-kv-blocks must be >= 0")
-    if not -20 <= args.engine_nice <= 19:
-        parser.error("--engine-nice must be in [-20, 19]")
+    for name in ("engine_nice", "worker_nice"):
+        if not -20 <= getattr(args, name) <= 19:
+            parser.error(f"--{name.replace('_', '-')} must be in [-20, 19]")
     if not 0 <= args.publish_interval_ms < 10_000:
         parser.error("--publish-interval-ms must be in [0, 10000)")
+    if not 0 <= args.report_interval_ms < 1_000:
+        parser.error("--report-interval-ms must be in [0, 1000)")
     if args.backend == "vllm" and not args.model:
         parser.error("--backend vllm needs --model DIR (or ANDES_MODEL)")
     return args
@@ -148,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=args.max_batch,
         host_kv_blocks=args.host_kv_blocks,
         publish_interval_s=args.publish_interval_ms / 1000,
+        report_interval_s=args.report_interval_ms / 1000,
         engine_nice=args.engine_nice,
+        worker_nice=args.worker_nice,
         scheduler_tls=ChannelTls(ca=args.scheduler_tls_ca, cert=args.scheduler_tls_cert,
                                  key=args.scheduler_tls_key,
                                  server_name=args.scheduler_tls_server_name),

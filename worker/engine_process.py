@@ -67,6 +67,13 @@ and can wait a moment; on a host where the engine shares its CPUs with them, a b
 work would otherwise slow the step under way. Below 0 needs root or CAP_SYS_NICE: without
 them the engine keeps the worker's niceness."""
 
+FEEDER_NICE = -5
+"""The niceness of a worker whose engine runs in a process of its own: every step waits for
+the worker to take the last step's outcome (the engine runs one step ahead, no more), so a
+burst of the gateway's or the scheduler's work on a shared CPU would idle the engine. Between
+the engine's and the other services' (0). On the 2-core CPU machine with the tiny model, 1,024
+requests: 8,267 / 8,710 / 8,513 tokens/s against 6,307 / 8,340 / 7,690 at 0, interleaved."""
+
 
 class EngineDiedError(RuntimeError):
     """The engine process is gone: the worker cannot go on (the scheduler moves its requests
@@ -240,7 +247,7 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
     )
     if nice is not None:
-        _set_nice(nice)
+        set_nice(nice, "engine")
     try:
         engine = build(config)
     except BaseException as err:  # reported to the parent, which stops the worker
@@ -255,14 +262,16 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
         return  # the worker is gone
 
 
-def _set_nice(nice: int) -> None:
+def set_nice(nice: int, who: str) -> None:
+    """Set this process's niceness (on Linux, that of the calling thread and of the threads
+    it starts afterwards: call it before starting any); a warning if it may not."""
     try:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     except OSError as err:  # PermissionError without CAP_SYS_NICE
-        log.warning("the engine keeps niceness %d (could not set %d: %s)",
-                    os.getpriority(os.PRIO_PROCESS, 0), nice, err)
+        log.warning("the %s keeps niceness %d (could not set %d: %s)",
+                    who, os.getpriority(os.PRIO_PROCESS, 0), nice, err)
     else:
-        log.info("engine process niceness %d", nice)
+        log.info("%s process niceness %d", who, nice)
 
 
 @dataclass

@@ -127,6 +127,14 @@ class TokenPublisher:
         self._interval_s = interval_s
         self._clock = clock
         self._streams: dict[str, _Stream] = {}
+        self._dirty: dict[str, _Stream] = {}
+        """The streams with something to write (tokens or an ending): each flush and each
+        question about what waits looks at these only, not at every request held (a
+        thousand queued requests would cost a millisecond per iteration)."""
+        self._pending_tokens = 0
+        """Tokens waiting in ``_dirty``'s streams, kept as they change."""
+        self._published_moved: set[str] = set()
+        """Requests whose ``published`` changed since :meth:`take_published_moved`."""
         self._healthy = True
 
     def open(self, request_id: str, key: str, start_index: int) -> None:
@@ -141,34 +149,50 @@ class TokenPublisher:
             raise ValueError(
                 f"request {run.request_id}: token index {run.index}, expected {stream.generated}"
             )
+        before = stream.pending
         stream.generated += len(run.token_ids)
         if stream.generated <= stream.published:
             return  # another writer put these in the stream already
         if not stream.runs:
             stream.waiting_since = self._clock()
         stream.runs.append(_from(run, stream.published))
+        self._pending_tokens += stream.pending - before
+        self._dirty[run.request_id] = stream
 
     def finish(self, request_id: str, reason: int) -> None:
         """End the response: its last entry (with any waiting tokens) carries ``reason``."""
         stream = self._streams.get(request_id)
         if stream is not None:
             stream.finish_reason = reason
+            self._dirty[request_id] = stream
 
     def forget(self, request_id: str) -> None:
         """Drop a request and its waiting tokens: its stream is no longer this worker's."""
-        self._streams.pop(request_id, None)
+        self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and self._dirty.pop(request_id, None) is not None:
+            self._pending_tokens -= stream.pending
+        self._published_moved.add(request_id)
 
     def published(self, request_id: str) -> int:
         stream = self._streams.get(request_id)
         return stream.published if stream else 0
 
+    def take_published_moved(self) -> set[str]:
+        """The requests whose :meth:`published` changed since the last call (the step
+        report then says so), and forgets them."""
+        moved, self._published_moved = self._published_moved, set()
+        return moved
+
     @property
     def pending_tokens(self) -> int:
-        return sum(s.pending for s in self._streams.values())
+        return self._pending_tokens
 
     @property
     def has_pending(self) -> bool:
-        return any(s.dirty for s in self._streams.values())
+        return bool(self._dirty)
 
     async def flush(self, *, force: bool = False) -> list[str] | None:
         """Write what is due (everything waiting, with ``force`` or no publish interval); the
@@ -178,11 +202,10 @@ class TokenPublisher:
         On a Redis error nothing is lost: the tokens stay here and the next flush retries.
         """
         if force or not self._interval_s:
-            dirty = [(rid, s) for rid, s in self._streams.items() if s.dirty]
+            dirty = list(self._dirty.items())
         else:
             now = self._clock()
-            dirty = [(rid, s) for rid, s in self._streams.items()
-                     if s.due(now, self._interval_s)]
+            dirty = [(rid, s) for rid, s in self._dirty.items() if s.due(now, self._interval_s)]
         if not dirty:
             return []
         chunks = [stream.chunk() for _, stream in dirty]
@@ -198,23 +221,30 @@ class TokenPublisher:
         self._healthy = True
         done: list[str] = []
         for (rid, stream), chunk, stream_end in zip(dirty, chunks, results, strict=True):
+            if stream_end >= 0 and stream_end < stream.published:
+                log.warning("request %s: its stream ends at token %d, before the %d this "
+                            "worker published: not this worker's any more", rid, stream_end,
+                            stream.published)
+                done.append(rid)
+                self._drop(rid)
+                continue
+            self._pending_tokens -= stream.pending
+            self._published_moved.add(rid)
             if stream_end < 0:  # appended
                 stream.first_entry = stream.first_entry and not chunk.token_ids
                 stream.published = chunk.end
                 stream.runs.clear()
                 if chunk.finish_reason:
                     done.append(rid)
-                    del self._streams[rid]
-            elif stream_end >= stream.published:
+                    self._drop(rid)
+                    continue
+            else:
                 # Someone else appended: what the stream holds is not written again.
                 stream.published = stream_end
                 stream.keep_from(stream_end)
-            else:
-                log.warning("request %s: its stream ends at token %d, before the %d this "
-                            "worker published: not this worker's any more", rid, stream_end,
-                            stream.published)
-                done.append(rid)
-                del self._streams[rid]
+            self._pending_tokens += stream.pending
+            if not stream.dirty:
+                del self._dirty[rid]
         return done
 
     async def _append(self, keys: list[str], chunks: list[TokenChunk]) -> list[int]:

@@ -19,7 +19,7 @@ from andes.redis_packing import HiredisPackedConnection
 from andes.tls import ChannelTls
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
-from worker.engine_process import ENGINE_NICE, EngineProcess
+from worker.engine_process import ENGINE_NICE, FEEDER_NICE, EngineProcess, set_nice
 from worker.loop import WorkerLoop
 from worker.publisher import TokenPublisher
 from worker.session import SchedulerSession, cancel_and_wait
@@ -48,6 +48,9 @@ class WorkerConfig:
     publish_interval_s: float = 0.0
     """How long a running request's tokens may wait to be published together (see
     :mod:`worker.publisher`; 0: every iteration)."""
+    report_interval_s: float = 0.0
+    """How long a step report of running requests' progress alone may wait for the next
+    step's (see :meth:`worker.loop.WorkerLoop._report_may_wait`; 0: every iteration)."""
     vllm: VllmConfig | None = None
     """The engine's settings for the ``vllm`` backend (``kv_blocks`` and ``max_batch`` above
     override its ``num_gpu_blocks`` and ``max_num_seqs``)."""
@@ -55,6 +58,9 @@ class WorkerConfig:
     """TLS of the session with the scheduler (empty: plaintext)."""
     engine_nice: int = ENGINE_NICE
     """Niceness of a real engine's process (see :mod:`worker.engine_process`)."""
+    worker_nice: int | None = FEEDER_NICE
+    """Niceness of the worker itself when its engine runs in a process of its own (None:
+    unchanged; see :data:`worker.engine_process.FEEDER_NICE`)."""
 
 
 def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | None]:
@@ -64,6 +70,8 @@ def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | Non
     otherwise compete for the GIL with the worker's I/O); the emulated one runs in-process."""
     if config.backend != "vllm":
         return build_engine(config), None
+    if config.worker_nice is not None:
+        set_nice(config.worker_nice, "worker")  # before any thread of its own starts
     return (EngineProcess(build_engine, config, nice=config.engine_nice),
             ThreadPoolExecutor(1, "engine"))
 
@@ -115,6 +123,7 @@ class WorkerService:
             redis=self.redis,
             redis_prefix=config.redis_prefix,
             engine_thread=engine_thread,
+            report_interval_s=config.report_interval_s,
         )
         self._announced = False
         self._on_registered = on_registered

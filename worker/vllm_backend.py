@@ -129,6 +129,9 @@ class VllmBackend:
         """Requests moved here from another worker: their text is decoded here."""
         self._stalled = False
         """Runnable requests exist but the last step computed nothing: wait for a change."""
+        self._set_aside: tuple[int, list[Progress]] = (-1, [])
+        """The held and parked requests' progress, and the scheduler's ``set_aside_version``
+        it was listed at (it changes only when requests enter or leave those sets)."""
         from worker.vllm_profile import default_profile, measure_profile
 
         self.profile: LatencyProfile = (
@@ -265,22 +268,29 @@ class VllmBackend:
         # over every held request.
         sched = self.scheduler
         external = self._external
-        result = []
+        emitted = self._emitted
 
-        def add(requests: Iterable[Any], state: State, with_kv: bool = False) -> None:
-            for request in requests:
-                rid = external.get(request.request_id)
-                if rid is not None:
-                    kv = sched.kv_blocks_of(request.request_id) if with_kv else 0
-                    result.append(Progress(rid, self._emitted[rid], state, kv))
+        def listed(requests: Iterable[Any], state: State, with_kv: bool = False
+                   ) -> list[Progress]:
+            return [
+                Progress(rid, emitted[rid], state,
+                         sched.kv_blocks_of(request.request_id) if with_kv else 0)
+                for request in requests
+                if (rid := external.get(request.request_id)) is not None
+            ]
 
-        add(sched.running, State.RUNNING, with_kv=True)
-        add(sched.paused.values(), State.PAUSED, with_kv=True)
-        add(sched.waiting, State.QUEUED)
-        add(sched.kv_holding_waiting, State.QUEUED)
-        add(sched.held.values(), State.WAITING)
-        add(sched.parked.values(), State.PREEMPTED)
-        return result
+        if self._set_aside[0] != sched.set_aside_version:
+            self._set_aside = (sched.set_aside_version, [
+                *listed(sched.held.values(), State.WAITING),
+                *listed(sched.parked.values(), State.PREEMPTED),
+            ])
+        return [
+            *listed(sched.running, State.RUNNING, with_kv=True),
+            *listed(sched.paused.values(), State.PAUSED, with_kv=True),
+            *listed(sched.waiting, State.QUEUED),
+            *listed(sched.kv_holding_waiting, State.QUEUED),
+            *self._set_aside[1],
+        ]
 
 
 class ResumedText:
