@@ -58,6 +58,8 @@ def test_preemptions_and_resumes_leave_greedy_outputs_unchanged(backend: object)
         if run.steps in (8, 15, 24):  # ... and bring them back a few steps later
             parked = tuple(r for r, s in states.items() if s == State.PREEMPTED)
             backend.apply(plan(resume=parked))  # type: ignore[attr-defined]
+            # Queued again with the tokens they made before (states() checks every entry).
+            assert all(run.states()[r] == State.QUEUED for r in parked)
         if run.steps == 30:  # pause one with its KV kept, resume it next step
             paused = tuple(r for r in ids if states.get(r) == State.RUNNING)[:1]
             backend.apply(plan(pause=paused))  # type: ignore[attr-defined]

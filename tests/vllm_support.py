@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from typing import Any
 
 from andes.policies.base import State
 from andes.v1 import generation_pb2
@@ -81,10 +82,14 @@ class Run:
 
     def states(self) -> dict[str, State]:
         listed = self.backend.progress()  # type: ignore[attr-defined]
-        # The held and parked requests' listing is kept between calls until they change:
-        # listed afresh, every request must be where the kept listing says.
-        self.backend._set_aside = (-1, [])  # type: ignore[attr-defined]
-        assert self.backend.progress() == listed  # type: ignore[attr-defined]
+        # The held, parked and queued requests' entries are kept between calls until they
+        # change: listed afresh, every request must be where the kept listing says.
+        backend: Any = self.backend
+        kept = backend._set_aside, backend._queued
+        backend._set_aside, backend._queued = (-1, []), {}
+        fresh = backend.progress()
+        backend._set_aside, backend._queued = kept
+        assert fresh == listed
         return {p.request_id: p.state for p in listed}
 
 
