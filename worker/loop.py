@@ -85,6 +85,7 @@ class WorkerLoop:
         self._last_report_at = 0.0
         """When the last step report left (monotonic clock)."""
         self._plan_version_reported = -1
+        """The plan version the last step report carried (-1: none sent yet)."""
         self.session: SchedulerSession | None = None
         self.step_count = 0
         self.plan_version = 0
