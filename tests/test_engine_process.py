@@ -188,20 +188,20 @@ def test_the_child_runs_at_the_niceness_asked_for() -> None:
             process.close()
 
 
+@pytest.mark.parametrize(("flag", "variable", "default"), [
+    ("--engine-nice", "ANDES_ENGINE_NICE", -10),
+    ("--worker-nice", "ANDES_WORKER_NICE", -5),
+])
 def test_the_niceness_comes_from_the_flags_or_the_environment(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, flag: str, variable: str, default: int) -> None:
     from worker.cli import parse_args
 
     base = ["--backend", "vllm", "--model", "/m"]
-    assert parse_args(base).engine_nice == -10
-    monkeypatch.setenv("ANDES_ENGINE_NICE", "0")
-    assert parse_args(base).engine_nice == 0
-    assert parse_args([*base, "--engine-nice", "5"]).engine_nice == 5
-    with pytest.raises(SystemExit):
-        parse_args([*base, "--engine-nice", "-21"])
-    assert parse_args(base).worker_nice == -5
-    monkeypatch.setenv("ANDES_WORKER_NICE", "2")
-    assert parse_args(base).worker_nice == 2
-    assert parse_args([*base, "--worker-nice", "0"]).worker_nice == 0
-    with pytest.raises(SystemExit):
-        parse_args([*base, "--worker-nice", "20"])
+    attribute = flag[2:].replace("-", "_")
+    assert getattr(parse_args(base), attribute) == default
+    monkeypatch.setenv(variable, "2")
+    assert getattr(parse_args(base), attribute) == 2
+    assert getattr(parse_args([*base, flag, "5"]), attribute) == 5
+    for out_of_range in ("-21", "20"):
+        with pytest.raises(SystemExit):
+            parse_args([*base, flag, out_of_range])

@@ -82,13 +82,13 @@ class Run:
 
     def states(self) -> dict[str, State]:
         listed = self.backend.progress()  # type: ignore[attr-defined]
-        # The held, parked and queued requests' entries are kept between calls until they
-        # change: listed afresh, every request must be where the kept listing says.
+        # The entries of requests without KV are kept between calls until they make tokens:
+        # listed afresh, every request must be where the kept listing says.
         backend: Any = self.backend
-        kept = backend._set_aside, backend._queued
-        backend._set_aside, backend._queued = (-1, []), {}
+        kept = backend._waiting_entries
+        backend._waiting_entries = {state: {} for state in kept}
         fresh = backend.progress()
-        backend._set_aside, backend._queued = kept
+        backend._waiting_entries = kept
         assert fresh == listed
         return {p.request_id: p.state for p in listed}
 

@@ -58,9 +58,9 @@ class WorkerConfig:
     """TLS of the session with the scheduler (empty: plaintext)."""
     engine_nice: int = ENGINE_NICE
     """Niceness of a real engine's process (see :mod:`worker.engine_process`)."""
-    worker_nice: int | None = FEEDER_NICE
-    """Niceness of the worker itself when its engine runs in a process of its own (None:
-    unchanged; see :data:`worker.engine_process.FEEDER_NICE`)."""
+    worker_nice: int = FEEDER_NICE
+    """Niceness of the worker itself when its engine runs in a process of its own (see
+    :data:`worker.engine_process.FEEDER_NICE`)."""
 
 
 def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | None]:
@@ -70,8 +70,7 @@ def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | Non
     otherwise compete for the GIL with the worker's I/O); the emulated one runs in-process."""
     if config.backend != "vllm":
         return build_engine(config), None
-    if config.worker_nice is not None:
-        set_nice(config.worker_nice, "worker")  # before any thread of its own starts
+    set_nice(config.worker_nice, "worker")  # before any thread of its own starts
     return (EngineProcess(build_engine, config, nice=config.engine_nice),
             ThreadPoolExecutor(1, "engine"))
 

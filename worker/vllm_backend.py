@@ -129,12 +129,10 @@ class VllmBackend:
         """Requests moved here from another worker: their text is decoded here."""
         self._stalled = False
         """Runnable requests exist but the last step computed nothing: wait for a change."""
-        self._queued: dict[str, Progress] = {}
-        """vLLM's internal id -> the progress of a request in vLLM's waiting queues, as it was
-        last listed: it stays so until the request makes tokens (then it is dropped here)."""
-        self._set_aside: tuple[int, list[Progress]] = (-1, [])
-        """The held and parked requests' progress, and the scheduler's ``set_aside_version``
-        it was listed at (it changes only when requests enter or leave those sets)."""
+        self._waiting_entries: dict[State, dict[str, Progress]] = {
+            state: {} for state in (State.QUEUED, State.WAITING, State.PREEMPTED)}
+        """Per state without KV, vLLM's internal id -> the request's progress as last listed
+        in it: kept until the request makes tokens (then dropped here)."""
         from worker.vllm_profile import default_profile, measure_profile
 
         self.profile: LatencyProfile = (
@@ -236,7 +234,7 @@ class VllmBackend:
                 continue
             completion = output.outputs[0]
             if completion.token_ids:
-                self._queued.pop(self._internal[rid], None)
+                self._drop_waiting_entries(self._internal[rid])
                 index = self._emitted[rid]
                 self._emitted[rid] = index + len(completion.token_ids)
                 resumed = self._resumed.get(rid)
@@ -253,7 +251,7 @@ class VllmBackend:
     def _forget(self, request_id: str) -> int:
         internal = self._internal.pop(request_id)
         del self._external[internal]
-        self._queued.pop(internal, None)
+        self._drop_waiting_entries(internal)
         self._resumed.pop(request_id, None)
         return self._emitted.pop(request_id)
 
@@ -274,47 +272,43 @@ class VllmBackend:
         # over every held request.
         sched = self.scheduler
         external = self._external
-        emitted = self._emitted
-
-        def listed(requests: Iterable[Any], state: State, with_kv: bool = False
-                   ) -> list[Progress]:
-            return [
-                Progress(rid, emitted[rid], state,
-                         sched.kv_blocks_of(request.request_id) if with_kv else 0)
-                for request in requests
-                if (rid := external.get(request.request_id)) is not None
-            ]
-
-        if self._set_aside[0] != sched.set_aside_version:
-            self._set_aside = (sched.set_aside_version, [
-                *listed(sched.held.values(), State.WAITING),
-                *listed(sched.parked.values(), State.PREEMPTED),
-            ])
+        running = [
+            Progress(rid, self._emitted[rid], state, sched.kv_blocks_of(request.request_id))
+            for requests, state in ((sched.running, State.RUNNING),
+                                    (sched.paused.values(), State.PAUSED))
+            for request in requests
+            if (rid := external.get(request.request_id)) is not None
+        ]
         return [
-            *listed(sched.running, State.RUNNING, with_kv=True),
-            *listed(sched.paused.values(), State.PAUSED, with_kv=True),
-            *self._listed_queued(sched.waiting),
-            *self._listed_queued(sched.kv_holding_waiting),
-            *self._set_aside[1],
+            *running,
+            *self._listed_waiting(sched.waiting, State.QUEUED),
+            *self._listed_waiting(sched.kv_holding_waiting, State.QUEUED),
+            *self._listed_waiting(sched.held.values(), State.WAITING),
+            *self._listed_waiting(sched.parked.values(), State.PREEMPTED),
         ]
 
-    def _listed_queued(self, requests: Iterable[Any]) -> list[Progress]:
-        """The progress of requests in one of vLLM's waiting queues. With a thousand queued
-        (every admitted request waits there for a batch slot) building their entries after
+    def _listed_waiting(self, requests: Iterable[Any], state: State) -> list[Progress]:
+        """The progress of requests that hold no KV in ``state``. With a thousand of them
+        (queued for a batch slot, or held back by the planner) building their entries after
         every step cost a tenth of a small model's step; an entry depends only on the
-        request's tokens so far, which do not change while it waits."""
-        queued = self._queued
+        request's tokens so far, which do not change while it waits, so it is kept until the
+        request makes tokens."""
+        kept = self._waiting_entries[state]
         listed = []
         for request in requests:
-            progress = queued.get(request.request_id)
+            progress = kept.get(request.request_id)
             if progress is None:
                 rid = self._external.get(request.request_id)
                 if rid is None:
                     continue
-                progress = queued[request.request_id] = Progress(
-                    rid, self._emitted[rid], State.QUEUED, 0)
+                progress = kept[request.request_id] = Progress(
+                    rid, self._emitted[rid], state, 0)
             listed.append(progress)
         return listed
+
+    def _drop_waiting_entries(self, internal: str) -> None:
+        for kept in self._waiting_entries.values():
+            kept.pop(internal, None)
 
 
 class ResumedText:

@@ -66,10 +66,6 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         self.held: dict[str, Request] = {}
         self.parked: dict[str, Request] = {}
         self.paused: dict[str, Request] = {}
-        self.set_aside_version = 0
-        """Bumped whenever a request may have entered or left ``held`` or ``parked``: what
-        they hold does not change otherwise, so their listing after every step is kept until
-        this moves (a thousand queued requests cost more to list than a small model's step)."""
         self._max_seqs: int = self.max_num_running_reqs
         self._planned_preemptions: set[str] = set()
         self.last_step = StepRecord()
@@ -104,7 +100,6 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         if request.status == RequestStatus.WAITING and request in self.waiting:
             self.waiting.remove_request(request)
             self.held[request.request_id] = request
-            self.set_aside_version += 1
 
     def finish_requests(
         self, request_ids: str | Iterable[str] | None, finished_status: RequestStatus
@@ -113,7 +108,6 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
             (request_ids,) if isinstance(request_ids, str)
             else tuple(self.requests) if request_ids is None else tuple(request_ids)
         )
-        self.set_aside_version += 1
         for rid in ids:
             self.held.pop(rid, None)
             self.parked.pop(rid, None)
@@ -152,7 +146,6 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         """Apply a plan, in vLLM's internal request ids, at an iteration boundary; actions
         that no longer apply are skipped (preemption is always recompute: V1 has no swap)."""
         now = time.monotonic()
-        self.set_aside_version += 1
         for rid in plan.preempt:
             self._preempt(rid, now)
         for rid in plan.pause:
@@ -188,7 +181,6 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
 
     def _park(self, request: Request) -> None:
         # Preempted before its first token: it needs admitting again, like a new request.
-        self.set_aside_version += 1
         if request.num_output_tokens == 0:
             self.held[request.request_id] = request
         else:
