@@ -8,9 +8,11 @@ fixed output lengths), all sent at once so the engine is never idle:
 * **system**: gateway -> scheduler -> one vllm worker -> Redis -> gRPC clients, with the
   ``fcfs`` policy (the same admission order as vLLM's).
 
-Output tokens/s of each, their ratio (goal >= 0.9), and where the difference goes: the
-worker's engine time (sum of step durations from its Prometheus metrics) against the run's
-wall time, i.e. how much time the worker spends outside ``engine.step()``.
+Output tokens/s of each and their ratio (goal >= 0.9): each repeat runs a plain and a system
+half back to back (the order swapped every repeat), and the figure is the median of the
+repeats' ratios; the ratio of the two halves' medians is reported beside it. Where the
+difference goes: the worker's engine time (sum of step durations from its Prometheus metrics)
+against the run's wall time, i.e. how much time the worker spends outside ``engine.step()``.
 
 Two models by default (``andes model tiny --shape``): ``tiny``, whose steps are a few
 milliseconds of framework overhead (every service's per-token CPU competes with it on a small
@@ -54,8 +56,12 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
 
 def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     """Child process: vLLM alone, the loop every vLLM user writes."""
+    from worker.engine_process import ENGINE_NICE, set_nice
     from worker.vllm_backend import VllmConfig, prepare_environment
 
+    # The same priority as the system's engine process (niceness and scheduling group), so
+    # that the two differ only by the services around the engine.
+    set_nice(ENGINE_NICE, "plain engine", own_session=True)
     prepare_environment(VllmConfig(model=args.model))
     from vllm import EngineArgs, LLMEngine, SamplingParams
 
@@ -165,29 +171,30 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Plain and system runs on ``args.model``, interleaved so drift in machine load hits
-    both; their medians, ratio and runs."""
+    """Plain and system runs on ``args.model``, in pairs run back to back, the order swapped
+    from one pair to the next, so the machine's drift over the session (its speed moves by
+    tens of percent here) hits both halves of a pair alike; each pair's ratio, their median,
+    and the medians of each half."""
     plain_runs, system_runs = [], []
-    for _ in range(args.repeats):
-        child = subprocess.run(
-            [sys.executable, __file__, "--plain-only", "--model", args.model,
-             "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
-             "--max-batch", str(args.max_batch), "--kv-blocks", str(args.kv_blocks),
-             "--max-batched-tokens", str(args.max_batched_tokens)],
-            check=True, capture_output=True, text=True,
-        )
-        plain_runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-        system_runs.append(run_system(args))
+    for repeat in range(args.repeats):
+        halves = (_plain_in_child, run_system) if repeat % 2 == 0 else (run_system,
+                                                                       _plain_in_child)
+        results = {half: half(args) for half in halves}
+        plain_runs.append(results[_plain_in_child])
+        system_runs.append(results[run_system])
         print(f"  plain {plain_runs[-1]['tok_per_s']:.0f} tok/s, "
-              f"system {system_runs[-1]['tok_per_s']:.0f} tok/s", flush=True)
+              f"system {system_runs[-1]['tok_per_s']:.0f} tok/s "
+              f"({'plain' if repeat % 2 == 0 else 'system'} first)", flush=True)
+    pair_ratios = [s["tok_per_s"] / p["tok_per_s"]
+                   for p, s in zip(plain_runs, system_runs, strict=True)]
     plain = statistics.median(r["tok_per_s"] for r in plain_runs)
     system = statistics.median(r["tok_per_s"] for r in system_runs)
     return {
         "plain_tok_per_s_median": plain,
         "system_tok_per_s_median": system,
+        "ratio_median_of_pairs": statistics.median(pair_ratios),
         "ratio_system_over_plain": system / plain,
-        "ratio_per_repeat": [s["tok_per_s"] / p["tok_per_s"]
-                             for p, s in zip(plain_runs, system_runs, strict=True)],
+        "ratio_per_repeat": pair_ratios,
         "plain_mean_step_s_median": statistics.median(r["mean_step_s"] for r in plain_runs),
         "system_mean_step_s_median": statistics.median(r["mean_step_s"] for r in system_runs),
         "outside_engine_fraction_median": statistics.median(
@@ -195,6 +202,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "plain_runs": plain_runs,
         "system_runs": system_runs,
     }
+
+
+def _plain_in_child(args: argparse.Namespace) -> dict[str, Any]:
+    child = subprocess.run(
+        [sys.executable, __file__, "--plain-only", "--model", args.model,
+         "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
+         "--max-batch", str(args.max_batch), "--kv-blocks", str(args.kv_blocks),
+         "--max-batched-tokens", str(args.max_batched_tokens)],
+        check=True, capture_output=True, text=True,
+    )
+    result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -239,7 +258,9 @@ def main() -> None:
     for name, result in results.items():
         runs = result["system_runs"]
         cpu = runs[len(runs) // 2]["cpu_seconds_by_process"]
-        print(f"{name}: system / plain = {result['ratio_system_over_plain']:.3f} (goal >= 0.9); "
+        print(f"{name}: system / plain = {result['ratio_median_of_pairs']:.3f} (median of the "
+              f"pairs' ratios; goal >= 0.9), {result['ratio_system_over_plain']:.3f} (median "
+              f"over median); "
               f"steps {result['plain_mean_step_s_median'] * 1e3:.1f} ms alone, "
               f"{result['system_mean_step_s_median'] * 1e3:.1f} ms in the system; "
               f"worker time outside engine.step(): "

@@ -14,7 +14,7 @@ import pytest
 from andes.policies.base import State
 from andes.v1 import generation_pb2
 from worker.engine import PlanSpec, RequestSpec
-from worker.engine_process import EngineDiedError, EngineProcess
+from worker.engine_process import EngineDiedError, EngineProcess, autogroup_nice
 from worker.service import WorkerConfig, build_engine
 
 
@@ -183,6 +183,10 @@ def test_the_child_runs_at_the_niceness_asked_for() -> None:
             child = os.getpriority(os.PRIO_PROCESS, process.pid)
             # Raising priority needs CAP_SYS_NICE, which a container may lack even as root.
             assert child == asked if asked >= mine else child in (asked, mine)
+            # In a session of its own, whose scheduling group (where the kernel has
+            # autogroups) has the same niceness: only its own processes are in it.
+            assert os.getsid(process.pid) == process.pid != os.getsid(0)
+            assert autogroup_nice(process.pid) in (None, child)
             assert process.add(_spec("a")) == [] and process.holds("a")
         finally:
             process.close()

@@ -20,6 +20,7 @@ from andes.up import ClusterConfig, LocalCluster
 from andes.v1 import generation_pb2, generation_pb2_grpc
 from tests.conftest import VLLM_ENGINE_FLAGS, free_port
 from tests.vllm_support import PROMPTS, greedy
+from worker.engine_process import autogroup_nice
 
 SCHEDULER_METRICS = free_port()
 WORKER_METRICS = free_port()
@@ -90,6 +91,11 @@ def test_real_tokens_stream_through_the_cluster(cluster: LocalCluster,
     if os.getpriority(os.PRIO_PROCESS, os.getpid()) == 0 and os.geteuid() == 0:
         assert os.getpriority(os.PRIO_PROCESS, worker) == -5
         assert os.getpriority(os.PRIO_PROCESS, engine) == -10
+        # With autogroups a niceness counts only within a session: the worker leads its
+        # own (andes up starts every service so), the engine has one of its own.
+        if autogroup_nice(worker) is not None:
+            assert os.getsid(engine) == engine != os.getsid(worker) == worker
+            assert (autogroup_nice(worker), autogroup_nice(engine)) == (-5, -10)
 
 
 def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,

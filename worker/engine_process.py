@@ -247,7 +247,9 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
         format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s",
     )
     if nice is not None:
-        set_nice(nice, "engine")
+        # A session (and scheduling group) of its own only where its niceness differs from
+        # its worker's: at the same niceness it shares the worker's group, as before.
+        set_nice(nice, "engine", own_session=nice != os.getpriority(os.PRIO_PROCESS, 0))
     try:
         engine = build(config)
     except BaseException as err:  # reported to the parent, which stops the worker
@@ -262,16 +264,56 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
         return  # the worker is gone
 
 
-def set_nice(nice: int, who: str) -> None:
+def set_nice(nice: int, who: str, *, own_session: bool = False) -> None:
     """Set this process's niceness (on Linux, that of the calling thread and of the threads
-    it starts afterwards: call it before starting any); a warning if it may not."""
+    it starts afterwards: call it before starting any); a warning if it may not.
+
+    Under autogroup scheduling (Linux with ``kernel.sched_autogroup_enabled``, the default of
+    many distributions, for processes outside a CPU cgroup of their own) the CPU is shared
+    equally between sessions first, and a niceness counts only against the processes of the
+    same session: an engine at -10 got no more of a contended core than a gateway at 0 in a
+    session of its own, as ``andes up`` starts every service. So a process that leads its
+    session also sets its session's group's niceness. ``own_session`` first starts a session
+    (the engine's process, a child of the worker): its group is then its own, and setting it
+    touches no other process."""
+    if own_session:
+        os.setsid()
     try:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
     except OSError as err:  # PermissionError without CAP_SYS_NICE
         log.warning("the %s keeps niceness %d (could not set %d: %s)",
                     who, os.getpriority(os.PRIO_PROCESS, 0), nice, err)
-    else:
-        log.info("%s process niceness %d", who, nice)
+    # The niceness it has, also where that is an inherited one: a new session's group
+    # starts at 0, which would make a process started nicer less nice.
+    have = os.getpriority(os.PRIO_PROCESS, 0)
+    group = _set_group_nice(have) if os.getsid(0) == os.getpid() else None
+    log.info("%s process niceness %d%s", who, have,
+             "" if group is None else f", its session's scheduling group {group}")
+
+
+def _set_group_nice(nice: int) -> int | None:
+    """Set the niceness of this process's autogroup; the niceness it has (None: no
+    autogroups here)."""
+    path = "/proc/self/autogroup"
+    try:
+        with open(path, "w") as group:
+            group.write(str(nice))
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        log.warning("could not set the niceness of the session's scheduling group to %d: %s",
+                    nice, err)
+    return autogroup_nice("self")
+
+
+def autogroup_nice(pid: int | str) -> int | None:
+    """The niceness of a process's autogroup (``/proc/PID/autogroup`` reads
+    ``/autogroup-85 nice 0``); None where the kernel has none."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as group:
+            return int(group.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
