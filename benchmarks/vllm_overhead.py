@@ -177,14 +177,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     and the medians of each half."""
     plain_runs, system_runs = [], []
     for repeat in range(args.repeats):
-        halves = (_plain_in_child, run_system) if repeat % 2 == 0 else (run_system,
-                                                                       _plain_in_child)
-        results = {half: half(args) for half in halves}
-        plain_runs.append(results[_plain_in_child])
-        system_runs.append(results[run_system])
+        plain_first = repeat % 2 == 0
+        if plain_first:
+            plain_runs.append(_plain_in_child(args))
+        system_runs.append(run_system(args))
+        if not plain_first:
+            plain_runs.append(_plain_in_child(args))
         print(f"  plain {plain_runs[-1]['tok_per_s']:.0f} tok/s, "
               f"system {system_runs[-1]['tok_per_s']:.0f} tok/s "
-              f"({'plain' if repeat % 2 == 0 else 'system'} first)", flush=True)
+              f"({'plain' if plain_first else 'system'} first)", flush=True)
     pair_ratios = [s["tok_per_s"] / p["tok_per_s"]
                    for p, s in zip(plain_runs, system_runs, strict=True)]
     plain = statistics.median(r["tok_per_s"] for r in plain_runs)

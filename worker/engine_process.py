@@ -294,9 +294,8 @@ def set_nice(nice: int, who: str, *, own_session: bool = False) -> None:
 def _set_group_nice(nice: int) -> int | None:
     """Set the niceness of this process's autogroup; the niceness it has (None: no
     autogroups here)."""
-    path = "/proc/self/autogroup"
     try:
-        with open(path, "w") as group:
+        with open("/proc/self/autogroup", "w") as group:
             group.write(str(nice))
     except FileNotFoundError:
         return None
