@@ -9,6 +9,7 @@ order. It uses the Redis at ``ANDES_REDIS_URL`` when one answers there, else a p
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,10 +27,38 @@ from urllib.parse import urlparse
 READY_TIMEOUT_S = 180.0
 
 
+LOWEST_PORT = 10_000
+
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on 127.0.0.1 for a service about to start, never the same twice in a process.
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out (``bind`` to port
+    0) can be taken by any outgoing connection, to Redis or to the scheduler, before the
+    service it was meant for binds it, which then fails with "address already in use"."""
+    ephemeral_low = max(_ephemeral_low(), LOWEST_PORT + 1)
+    for _ in range(1000):
+        port = random.randrange(LOWEST_PORT, ephemeral_low)
+        if port in _ports_given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    raise RuntimeError(f"no free port in [{LOWEST_PORT}, {ephemeral_low}) on 127.0.0.1")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default where unreadable)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 def redis_answers(url: str, timeout_s: float = 0.5) -> bool:

@@ -208,3 +208,16 @@ def test_up_serves_until_interrupted(tmp_path: Path) -> None:
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
+
+
+def test_free_ports_are_free_distinct_and_out_of_the_ephemeral_range() -> None:
+    """A service's port must not be one an outgoing connection can take before it binds."""
+    import socket
+
+    from andes.up import LOWEST_PORT, _ephemeral_low
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(LOWEST_PORT <= port < _ephemeral_low() for port in ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[-1]))
