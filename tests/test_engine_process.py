@@ -4,18 +4,20 @@ way in the cluster tests)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 from andes.policies.base import State
 from andes.v1 import generation_pb2
-from worker.engine import PlanSpec, RequestSpec
+from worker.engine import Engine, Finished, PlanSpec, RequestSpec
 from worker.engine_process import EngineDiedError, EngineProcess, autogroup_nice
 from worker.service import WorkerConfig, build_engine
+from worker.sim_backend import SimBackend
 
 
 def _spec(request_id: str, max_tokens: int = 4) -> RequestSpec:
@@ -46,7 +48,7 @@ def test_calls_run_in_the_child_and_answer_like_the_engine(engine: EngineProcess
     assert engine.kv_blocks_free == local.kv_blocks_free == 100
     assert not engine.has_work()
 
-    assert engine.add(_spec("a")) == [] and engine.holds("a") and not engine.holds("b")
+    assert engine.add([_spec("a")]) == [] and engine.holds("a") and not engine.holds("b")
     engine.apply(PlanSpec(version=1, admit=("a",)))
     assert engine.has_work()
     tokens, finished = 0, []
@@ -59,14 +61,14 @@ def test_calls_run_in_the_child_and_answer_like_the_engine(engine: EngineProcess
     assert tokens == 4 and engine.kv_blocks_free == 100
     assert [(f.request_id, f.generated_tokens) for f in finished] == [("a", 4)]
     assert not engine.holds("a") and engine.cancel(("a",)) == []
-    engine.add(_spec("b"))
+    engine.add([_spec("b")])
     assert [f.request_id for f in engine.cancel(("b",))] == ["b"] and not engine.holds("b")
 
 
 def test_progress_after_a_change_asks_the_child(engine: EngineProcess) -> None:
-    engine.add(_spec("a"))
+    engine.add([_spec("a")])
     engine.step(time.time())  # nothing admitted: the step's progress shows "a" waiting
-    engine.add(_spec("b"))
+    engine.add([_spec("b")])
     states = {p.request_id: p.state for p in engine.progress()}
     assert states == {"a": State.WAITING, "b": State.WAITING}
 
@@ -76,7 +78,7 @@ def test_an_engine_error_reaches_the_caller_and_the_engine_goes_on(
     with pytest.raises(TypeError):
         engine.cancel(5)  # type: ignore[arg-type]
     engine.apply(PlanSpec(version=1, admit=5))  # type: ignore[arg-type]  # logged, skipped
-    assert engine.add(_spec("a")) == []
+    assert engine.add([_spec("a")]) == []
     assert engine.holds("a")
 
 
@@ -91,7 +93,7 @@ def test_the_child_runs_ahead_and_its_progress_matches_the_engine(
     local = build_engine(_config())
     plan = PlanSpec(version=1, admit=("a", "b", "c"))
     for name, tokens in (("a", 3), ("b", 6), ("c", 9)):
-        assert engine.add(_spec(name, tokens)) == local.add(_spec(name, tokens)) == []
+        assert engine.add([_spec(name, tokens)]) == local.add([_spec(name, tokens)]) == []
     engine.apply(plan)
     local.apply(plan)
     steps = 0
@@ -107,8 +109,8 @@ def test_the_child_runs_ahead_and_its_progress_matches_the_engine(
 def test_a_cancel_takes_the_request_out_of_the_step_computed_ahead(
         engine: EngineProcess) -> None:
     """The worker ends a cancelled stream at once: no token of it may come after."""
-    engine.add(_spec("a", 10))
-    engine.add(_spec("b", 10))
+    engine.add([_spec("a", 10)])
+    engine.add([_spec("b", 10)])
     engine.apply(PlanSpec(version=1, admit=("a", "b")))
     first = engine.step(time.time())
     assert {run.request_id for run in first.tokens} == {"a", "b"}
@@ -122,7 +124,7 @@ def test_a_cancel_takes_the_request_out_of_the_step_computed_ahead(
 
 def test_a_request_that_ended_in_the_step_ahead_is_cancelled_whole(
         engine: EngineProcess) -> None:
-    engine.add(_spec("a", 2))
+    engine.add([_spec("a", 2)])
     engine.apply(PlanSpec(version=1, admit=("a",)))
     assert [run.index for run in engine.step(time.time()).tokens] == [0]
     _ahead_computed()  # the step ahead made the last token and finished "a"
@@ -136,8 +138,10 @@ def test_a_request_that_ended_in_the_step_ahead_is_cancelled_whole(
 
 
 def test_a_step_asked_of_an_engine_without_work_is_idle(engine: EngineProcess) -> None:
-    engine.add(_spec("a"))
-    assert not engine.has_work()  # held, not admitted
+    engine.add([_spec("a")])
+    assert engine.has_work()  # as far as the worker knows: the engine may refuse it
+    assert engine.step(time.time()).idle  # held, not admitted
+    assert not engine.has_work()
     engine.apply(PlanSpec(version=1))  # admits nothing
     assert engine.has_work()  # as far as the worker knows
     outcome = engine.step(time.time())
@@ -145,9 +149,63 @@ def test_a_step_asked_of_an_engine_without_work_is_idle(engine: EngineProcess) -
     assert not engine.has_work()
 
 
+class _Picky(SimBackend):
+    """Refuses requests whose id starts with "bad", as a real engine refuses a prompt longer
+    than its model takes."""
+
+    def add(self, specs: Sequence[RequestSpec]) -> list[Finished]:
+        refused = [Finished(s.request_id, generation_pb2.FINISH_REASON_ERROR, 0)
+                   for s in specs if s.request_id.startswith("bad")]
+        super().add([s for s in specs if not s.request_id.startswith("bad")])
+        return refused
+
+
+def _build_picky(config: WorkerConfig) -> Engine:
+    engine = build_engine(config)
+    engine.__class__ = _Picky
+    return engine
+
+
+@pytest.fixture()
+def picky() -> Iterator[EngineProcess]:
+    process = EngineProcess(_build_picky, _config())
+    yield process
+    process.close()
+
+
+def test_requests_the_engine_refuses_come_back_with_the_next_step(
+        picky: EngineProcess) -> None:
+    """An add is not answered (the worker would wait for the step under way): what the engine
+    refused ends with the next step's outcome, as finished with ERROR, beside the tokens."""
+    assert picky.add([_spec("a", 3), _spec("bad-1"), _spec("b", 3)]) == []
+    picky.apply(PlanSpec(version=1, admit=("a", "b")))
+    outcome = picky.step(time.time())
+    assert [(f.request_id, f.reason) for f in outcome.finished] == [
+        ("bad-1", generation_pb2.FINISH_REASON_ERROR)]
+    assert {run.request_id for run in outcome.tokens} == {"a", "b"}
+    assert not picky.holds("bad-1") and picky.holds("a")
+    assert {p.request_id for p in picky.progress()} == {"a", "b"}
+
+
+def test_refused_alone_the_step_is_idle_and_carries_the_refusal(picky: EngineProcess) -> None:
+    picky.add([_spec("bad-1")])
+    assert picky.has_work()  # the refusal has to be fetched
+    outcome = picky.step(time.time())
+    assert outcome.idle and [f.request_id for f in outcome.finished] == ["bad-1"]
+    assert not picky.has_work() and not picky.holds("bad-1")
+
+
+def test_a_refused_request_cancelled_before_the_step_is_cancelled(picky: EngineProcess) -> None:
+    picky.add([_spec("bad-1")])
+    cancelled = picky.cancel(("bad-1",))
+    assert [(f.request_id, f.reason) for f in cancelled] == [
+        ("bad-1", generation_pb2.FINISH_REASON_CANCELLED)]
+    assert not picky.step(time.time()).finished
+
+
 def test_a_plan_that_leaves_nothing_to_compute_does_not_hang_a_step(
         engine: EngineProcess) -> None:
-    engine.add(_spec("a", 50))
+    engine.add([_spec("a", 50)])
     engine.apply(PlanSpec(version=1, admit=("a",)))
     engine.step(time.time())
     engine.apply(PlanSpec(version=2, preempt=("a",)))
@@ -163,8 +221,12 @@ def test_a_plan_that_leaves_nothing_to_compute_does_not_hang_a_step(
 def test_a_dead_child_fails_every_call(engine: EngineProcess) -> None:
     assert engine.pid is not None
     os.kill(engine.pid, signal.SIGKILL)
-    with pytest.raises(EngineDiedError, match="died"):
-        engine.add(_spec("a"))
+    with contextlib.suppress(EngineDiedError):  # unanswered: the pipe may still take it
+        engine.add([_spec("a")])
+    for call in (lambda: engine.step(time.time()), lambda: engine.cancel(("a",)),
+                 engine.progress):
+        with pytest.raises(EngineDiedError, match="died"):
+            call()
 
 
 def test_an_engine_that_cannot_start_raises_its_error() -> None:
@@ -187,7 +249,7 @@ def test_the_child_runs_at_the_niceness_asked_for() -> None:
             # autogroups) has the same niceness: only its own processes are in it.
             assert os.getsid(process.pid) == process.pid != os.getsid(0)
             assert autogroup_nice(process.pid) in (None, child)
-            assert process.add(_spec("a")) == [] and process.holds("a")
+            assert process.add([_spec("a")]) == [] and process.holds("a")
         finally:
             process.close()
 

@@ -28,7 +28,7 @@ def backend(vllm_backend: object) -> Iterator[object]:
 def test_new_requests_wait_for_a_plan_then_run(backend: object) -> None:
     run = Run(backend)
     first = spec(PROMPTS[0], 8)
-    backend.add(first)  # type: ignore[attr-defined]
+    backend.add([first])  # type: ignore[attr-defined]
     assert run.states() == {first.request_id: State.WAITING}
     assert not backend.has_work()  # type: ignore[attr-defined]
     backend.apply(plan(admit=(first.request_id,)))  # type: ignore[attr-defined]
@@ -43,7 +43,7 @@ def test_preemptions_and_resumes_leave_greedy_outputs_unchanged(backend: object)
     specs = [spec(p, 40) for p in PROMPTS]
     ids = [s.request_id for s in specs]
     for s in specs:
-        backend.add(s)  # type: ignore[attr-defined]
+        backend.add([s])  # type: ignore[attr-defined]
     backend.apply(plan(admit=tuple(ids)))  # type: ignore[attr-defined]
     preempted_at: dict[str, int] = {}
     while backend.has_work():  # type: ignore[attr-defined]
@@ -79,7 +79,7 @@ def test_engine_initiated_preemptions_are_reported_and_parked(backend: object) -
     specs = [spec(f"request {i} says hi", 60, ignore_eos=True) for i in range(6)]
     ids = tuple(s.request_id for s in specs)
     for s in specs:
-        backend.add(s)  # type: ignore[attr-defined]
+        backend.add([s])  # type: ignore[attr-defined]
     backend.apply(plan(admit=ids))  # type: ignore[attr-defined]
     while backend.has_work():  # type: ignore[attr-defined]
         outcome = run.step()
@@ -98,7 +98,7 @@ def test_cancel_during_decode_frees_kv_at_once(backend: object) -> None:
     run = Run(backend)
     free_before = backend.kv_blocks_free  # type: ignore[attr-defined]
     long = spec("A long story begins here and goes on and on", 200, ignore_eos=True)
-    backend.add(long)  # type: ignore[attr-defined]
+    backend.add([long])  # type: ignore[attr-defined]
     backend.apply(plan(admit=(long.request_id,)))  # type: ignore[attr-defined]
     for _ in range(20):
         run.step()
@@ -121,8 +121,8 @@ def test_cancel_during_decode_frees_kv_at_once(backend: object) -> None:
 def test_cancel_of_held_and_parked_requests(backend: object) -> None:
     run = Run(backend)
     held, parked = spec("never admitted", 10), spec("preempted then cancelled", 30)
-    backend.add(held)  # type: ignore[attr-defined]
-    backend.add(parked)  # type: ignore[attr-defined]
+    backend.add([held])  # type: ignore[attr-defined]
+    backend.add([parked])  # type: ignore[attr-defined]
     backend.apply(plan(admit=(parked.request_id,)))  # type: ignore[attr-defined]
     for _ in range(4):
         run.step()
@@ -136,14 +136,14 @@ def test_cancel_of_held_and_parked_requests(backend: object) -> None:
 def test_stop_strings_end_the_response(backend: object) -> None:
     run = Run(backend)
     free = spec(PROMPTS[1], 40, ignore_eos=True)
-    backend.add(free)  # type: ignore[attr-defined]
+    backend.add([free])  # type: ignore[attr-defined]
     backend.apply(plan(admit=(free.request_id,)))  # type: ignore[attr-defined]
     run.until_idle()
     text = run.text[free.request_id]
     stop = next(text[i:i + 3] for i in range(len(text) // 3, len(text) - 3)
                 if text[i:i + 3].strip() == text[i:i + 3] and text.find(text[i:i + 3]) == i)
     stopped = spec(PROMPTS[1], 40, ignore_eos=True, stop=[stop])
-    backend.add(stopped)  # type: ignore[attr-defined]
+    backend.add([stopped])  # type: ignore[attr-defined]
     backend.apply(plan(admit=(stopped.request_id,)))  # type: ignore[attr-defined]
     run.until_idle()
     assert run.finished[stopped.request_id] == generation_pb2.FINISH_REASON_STOP
@@ -160,7 +160,7 @@ def test_incremental_text_is_the_decoded_response(backend: object) -> None:
     specs = [spec(p, 48, ignore_eos=True, temperature=1.0, seed=i)
              for i, p in enumerate(PROMPTS)]
     for s in specs:
-        backend.add(s)  # type: ignore[attr-defined]
+        backend.add([s])  # type: ignore[attr-defined]
     backend.apply(plan(admit=tuple(s.request_id for s in specs)))  # type: ignore[attr-defined]
     run.until_idle()
     for s in specs:
@@ -170,7 +170,7 @@ def test_incremental_text_is_the_decoded_response(backend: object) -> None:
 
 def test_requests_that_cannot_run_fail_alone(backend: object) -> None:
     too_long = spec("word " * 300, 10)  # over max_model_len (256)
-    done = backend.add(too_long)  # type: ignore[attr-defined]
+    done = backend.add([too_long])  # type: ignore[attr-defined]
     assert [(d.request_id, d.reason) for d in done] == [
         (too_long.request_id, generation_pb2.FINISH_REASON_ERROR)]
     assert greedy(backend, PROMPTS[:1], 4)[0]
@@ -185,7 +185,7 @@ def test_resumed_request_continues_from_published_tokens(backend: object) -> Non
     moved = RequestSpec(**{**moved.__dict__, "resume_from_tokens": 12,
                            "generated_token_ids": tuple(full[:12])})
     run.first_index[moved.request_id] = 12
-    backend.add(moved)  # type: ignore[attr-defined]
+    backend.add([moved])  # type: ignore[attr-defined]
     backend.apply(plan(admit=(moved.request_id,)))  # type: ignore[attr-defined]
     run.until_idle()
     assert run.tokens[moved.request_id] == full[12:]

@@ -120,3 +120,22 @@ def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,
     print(f"preemptions: planned {planned:g}, engine {engine_forced:g}")
     assert engine_forced == scheduler_forced
     assert planned + engine_forced > 0, "this much KV pressure must preempt"
+
+
+def test_a_request_the_engine_refuses_fails_alone(cluster: LocalCluster,
+                                                  vllm_backend: object) -> None:
+    """A prompt longer than the model takes (256 tokens) passes the gateway and the
+    scheduler (it fits the KV budget) but not the engine: its call
+    ends with INTERNAL, and the requests that came with it are served."""
+    reference = greedy(vllm_backend, PROMPTS[:2], 8)
+
+    async def together() -> list[object]:
+        return list(await asyncio.gather(
+            _generate(cluster.gateway_addr, ["word " * 150], 8, run="refused"),
+            _generate(cluster.gateway_addr, PROMPTS[:2], 8, run="beside"),
+            return_exceptions=True))
+
+    refused, served = asyncio.run(together())
+    assert isinstance(refused, grpc.aio.AioRpcError), refused
+    assert refused.code() == grpc.StatusCode.INTERNAL
+    assert isinstance(served, list) and [_tokens(m) for m in served] == reference

@@ -50,7 +50,7 @@ def test_reports_of_changes_add_up_to_every_held_request(redis_url: str,
         for op, arg in ops:
             rid = f"{run_id}-{arg}"
             if op == "add" and not engine.holds(rid):
-                engine.add(RequestSpec(rid, 40, 30, time.time(), 1.0, 10.0, "", f"pub-{rid}"))
+                engine.add([RequestSpec(rid, 40, 30, time.time(), 1.0, 10.0, "", f"pub-{rid}")])
                 publisher.open(rid, f"pub-{rid}", 0)
             elif op in ("admit", "preempt") and engine.holds(rid):
                 version += 1
@@ -87,7 +87,7 @@ def test_progress_alone_waits_for_the_report_interval_and_nothing_else_does(
         loop = WorkerLoop(engine, worker_id="w", publisher=TokenPublisher(redis), redis=redis,
                           report_interval_s=60.0)
         rid = f"{uuid.uuid4().hex[:8]}"
-        engine.add(RequestSpec(rid, 40, 30, time.time(), 1.0, 10.0, "", f"pub-{rid}"))
+        engine.add([RequestSpec(rid, 40, 30, time.time(), 1.0, 10.0, "", f"pub-{rid}")])
         loop.publisher.open(rid, f"pub-{rid}", 0)
         engine.apply(PlanSpec(1, admit=(rid,)))
         assert not loop._report_may_wait(steps_again=True), "nothing reported yet"

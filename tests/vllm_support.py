@@ -103,7 +103,7 @@ def greedy(backend: object, prompts: list[str], max_tokens: int,
     run = Run(backend)
     specs = [spec(p, max_tokens, **sampling) for p in prompts]
     for s in specs:
-        assert backend.add(s) == []  # type: ignore[attr-defined]
+        assert backend.add([s]) == []  # type: ignore[attr-defined]
     backend.apply(plan(admit=tuple(s.request_id for s in specs)))  # type: ignore[attr-defined]
     run.until_done()
     assert all(len(run.tokens[s.request_id]) == max_tokens for s in specs

@@ -10,7 +10,7 @@ dedicated thread.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -123,9 +123,11 @@ class Engine(Protocol):
     @property
     def kv_blocks_free(self) -> int: ...
 
-    def add(self, spec: RequestSpec) -> list[Finished]:
-        """Hold a new request in WAITING (it has tokens left to generate: the loop sees to
-        that); returns it at once if the engine cannot take it."""
+    def add(self, specs: Sequence[RequestSpec]) -> list[Finished]:
+        """Hold new requests in WAITING (each has tokens left to generate: the loop sees to
+        that; one already held is left as it is); returns at once those the engine cannot
+        take. A batch, because requests arrive in bursts: a burst's requests then cost an
+        engine in another process one round trip, not one each."""
         ...
 
     def holds(self, request_id: str) -> bool: ...

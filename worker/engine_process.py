@@ -18,14 +18,17 @@ after the one being computed, a cancel frees KV before the next step starts.
 
 Protocol (one pickled tuple per message, each answer after the messages before it):
 
-* ``("call", method, args)`` for ``add``, ``cancel`` and ``progress``: answered with
+* ``("call", method, args)`` for ``cancel`` and ``progress``: answered with
   ``("reply", ok, value, None, state)`` once the step being computed (if any) is done;
-* ``("apply", plan)``: not answered, so the worker never waits for a step to end to hand over
-  a plan; a plan the engine cannot apply is logged by the child, which goes on with the last
-  one (a bug, but not a reason to stop serving);
+* ``("add", specs)`` and ``("apply", plan)``: not answered, so the worker never waits for a
+  step to end to hand over requests or a plan (in a burst of arrivals, waiting for each
+  add's answer idled the engine for about a third of its time). Requests the engine refuses
+  go back with the next step's answer, as finished; a plan the engine cannot apply is logged
+  by the child, which goes on with the last one (a bug, but not a reason to stop serving);
 * ``("step",)``: answered with the outcome computed ahead (or computed now, if none was), as
-  ``("step", ok, outcome, (changed, removed), state)``, or ``("idle", True, None, None,
-  state)`` when there is nothing to compute (a plan paused everything meanwhile).
+  ``("step", ok, outcome, (changed, removed), state)``, or ``("idle", True, refused, None,
+  state)`` when there is nothing to compute (a plan paused everything meanwhile, or every
+  request added was refused).
 
 ``state`` is the engine's ``has_work()`` and ``kv_blocks_free`` when the answer leaves, so the
 proxy answers those without a round trip. A step's answer carries the held requests that
@@ -45,7 +48,7 @@ import os
 import pickle
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -133,8 +136,9 @@ class EngineProcess:
         self.profile = facts.profile
         self.needs_payload = facts.needs_payload
         self._state: _State = state
-        self._plan_sent = False
-        """A plan went out since the last answer: the engine may have work now."""
+        self._news_sent = False
+        """Requests or a plan went out since the last answer: the engine may have work now
+        (at the least, refusals to hand on)."""
         self._held: set[str] = set()
         """The requests the engine holds, followed from the calls' answers, so ``holds``
         (asked before every assignment) costs no round trip."""
@@ -154,7 +158,7 @@ class EngineProcess:
         except (EOFError, OSError) as err:
             raise self._died() from err
         self._state = state
-        self._plan_sent = False
+        self._news_sent = False
         return kind, ok, value, extra
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -180,27 +184,32 @@ class EngineProcess:
         return self._state.kv_blocks_free
 
     def has_work(self) -> bool:
-        return self._state.has_work or self._plan_sent
+        return self._state.has_work or self._news_sent
 
-    def add(self, spec: RequestSpec) -> list[Finished]:
-        result: list[Finished] = self._call("add", spec)
-        if not any(done.request_id == spec.request_id for done in result):
-            self._held.add(spec.request_id)
-        return result
+    def add(self, specs: Sequence[RequestSpec]) -> list[Finished]:
+        """Refusals come with the next step's outcome, as finished (see the module
+        docstring)."""
+        self._send(("add", list(specs)))
+        self._news_sent = True
+        self._progress_current = False
+        self._held.update(spec.request_id for spec in specs)
+        return []
 
     def holds(self, request_id: str) -> bool:
         return request_id in self._held
 
     def apply(self, plan: PlanSpec) -> None:
         self._send(("apply", plan))
-        self._plan_sent = True
+        self._news_sent = True
         self._progress_current = False
 
     def step(self, now_s: float) -> StepOutcome:
         """The engine's next step: usually computed while the caller handled the last one."""
         kind, ok, value, extra = self._exchange(("step",))
         if kind == "idle":
-            return StepOutcome(start_s=now_s, duration_s=0.0, idle=True)
+            refused: list[Finished] = value
+            self._held.difference_update(done.request_id for done in refused)
+            return StepOutcome(start_s=now_s, duration_s=0.0, idle=True, finished=refused)
         if not ok:
             raise value
         outcome: StepOutcome = value
@@ -236,7 +245,7 @@ class EngineProcess:
             self._process.join()
 
 
-_CALLS = frozenset({"add", "cancel", "progress"})
+_CALLS = frozenset({"cancel", "progress"})
 
 
 def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
@@ -339,6 +348,8 @@ class _EngineCore:
         self.step_wanted = False
         self.progress_sent: dict[str, Progress] = {}
         """The held requests as the worker knows them once it has read every answer sent."""
+        self.refused: list[Finished] = []
+        """Requests added and refused since the last step's answer: it carries them."""
 
     def run(self) -> None:
         while True:
@@ -362,12 +373,14 @@ class _EngineCore:
 
     def answer_step(self) -> None:
         ahead, self.ahead, self.step_wanted = self.ahead, None, False
+        refused, self.refused = self.refused, []
         if ahead is None:
-            self.conn.send(("idle", True, None, None, self.state()))
+            self.conn.send(("idle", True, refused, None, self.state()))
             return
         if ahead.outcome is None:
             self.conn.send(("step", False, ahead.error, None, self.state()))
             return
+        ahead.outcome.finished.extend(refused)
         # The held requests as they are now: a plan taken in after the step shows.
         held = self.engine.progress() if ahead.changed_since else ahead.held
         now = {p.request_id: p for p in held}
@@ -383,6 +396,8 @@ class _EngineCore:
             self.ahead.changed_since = True
         if kind == "step":
             self.step_wanted = True
+        elif kind == "add":
+            self.add(message[1])
         elif kind == "apply":
             try:
                 self.engine.apply(message[1])
@@ -392,6 +407,15 @@ class _EngineCore:
             self.answer_call(message[1], message[2])
         else:
             log.error("unknown message %r", kind)
+
+    def add(self, specs: list[RequestSpec]) -> None:
+        try:
+            self.refused.extend(self.engine.add(specs))
+        except Exception:  # a backend refuses what it cannot take: this is a bug
+            log.exception("the engine failed to add %d requests", len(specs))
+            self.refused.extend(
+                Finished(s.request_id, generation_pb2.FINISH_REASON_ERROR, s.resume_from_tokens)
+                for s in specs)
 
     def answer_call(self, method: str, args: tuple[Any, ...]) -> None:
         try:
@@ -414,6 +438,10 @@ class _EngineCore:
         gone = set(request_ids)
         for request_id in gone:
             self.progress_sent.pop(request_id, None)
+        # Refused, which the worker has not heard yet: cancelled for it.
+        result = result + [replace(done, reason=generation_pb2.FINISH_REASON_CANCELLED)
+                           for done in self.refused if done.request_id in gone]
+        self.refused = [done for done in self.refused if done.request_id not in gone]
         ahead = self.ahead
         if ahead is None or ahead.outcome is None:
             return result

@@ -273,61 +273,108 @@ class WorkerLoop:
         messages = [] if first is None else [first]
         while not self.session.inbox.empty():
             messages.append(self.session.inbox.get_nowait())
+        # Consecutive assignments go to the engine together (a burst's requests cost one
+        # payload round trip and one engine call); an abort after them sees them held.
+        assignments: list[scheduler_pb2.Assignment] = []
         for msg in messages:
             kind = msg.WhichOneof("message")
             if kind == "assignment":
-                await self._assign(msg.assignment)
-            elif kind == "plan":
+                assignments.append(msg.assignment)
+                continue
+            if assignments:
+                await self._assign(assignments)
+                assignments = []
+            if kind == "plan":
                 newest = self._plan.version if self._plan else self.plan_version
                 if msg.plan.plan_version > newest:
                     self._plan = plan_from_proto(msg.plan)
             elif kind == "abort_requests":
                 aborted = msg.abort_requests
                 await self._abort(tuple(aborted.request_ids), moved=aborted.moved)
+        if assignments:
+            await self._assign(assignments)
         return bool(messages)
 
-    async def _assign(self, assignment: scheduler_pb2.Assignment) -> None:
-        spec = spec_from_assignment(assignment)
-        if not spec.token_stream_key:
-            spec = replace(spec, token_stream_key=stream_key(spec.request_id, self._prefix))
-        if spec.request_id in self._finishing or await self._call(
-            partial(self.engine.holds, spec.request_id)
-        ):
-            return
-        if assignment.moved:
-            end = await self._stream_end(spec.token_stream_key)
-            if end is not None and end.finish_reason:  # it ended before its worker died
-                self._reportable.append(Finished(spec.request_id, end.finish_reason, end.end))
-                self._report_pending = True
-                return
-            if end is not None and end.end > spec.resume_from_tokens:
-                spec = replace(spec, resume_from_tokens=end.end)
-        self.publisher.open(spec.request_id, spec.token_stream_key, spec.resume_from_tokens)
-        if spec.resume_from_tokens >= spec.max_tokens:  # moved here after its last token
-            self._finish(Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH,
-                                  spec.resume_from_tokens))
-            return
+    async def _assign(self, assignments: list[scheduler_pb2.Assignment]) -> None:
+        """Hold newly assigned requests (one already held or finishing here is left alone):
+        with one engine call for all of them, and for an engine that needs the payloads,
+        one Redis round trip to read them: taken one at a time, a burst of a hundred
+        requests kept an engine in another process idle for two hundred round trips."""
+        specs: dict[str, tuple[RequestSpec, bool]] = {}
+        for assignment in assignments:
+            spec = spec_from_assignment(assignment)
+            if not spec.token_stream_key:
+                spec = replace(spec, token_stream_key=stream_key(spec.request_id, self._prefix))
+            if spec.request_id not in self._finishing:
+                specs.setdefault(spec.request_id, (spec, assignment.moved))
+        held = await self._call(partial(_held, self.engine, tuple(specs)))
+        startable = []
+        for rid, (assigned, moved) in specs.items():
+            if rid in held:
+                continue
+            resumable = await self._resume_point(assigned) if moved else assigned
+            if resumable is None:
+                continue
+            spec = resumable
+            self.publisher.open(rid, spec.token_stream_key, spec.resume_from_tokens)
+            if spec.resume_from_tokens >= spec.max_tokens:  # moved here after its last token
+                self._finish(Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH,
+                                      spec.resume_from_tokens))
+            else:
+                startable.append(spec)
         if self.engine.needs_payload:
-            try:
-                payload = await self._redis.hgetall(spec.payload_key)
-            except (RedisError, OSError) as err:
-                log.error("request %s: cannot read its payload: %s", spec.request_id, err)
+            startable = await self._with_payloads(startable)
+        if not startable:
+            return
+        refused = await self._call(partial(self.engine.add, startable))
+        for done in refused:
+            self._finish(done)
+        if self._executor is not None:
+            gone = {done.request_id for done in refused}
+            self._assigned.update((s.request_id, s) for s in startable
+                                  if s.request_id not in gone)
+
+    async def _resume_point(self, spec: RequestSpec) -> RequestSpec | None:
+        """A request moved here from a worker that died: it resumes where its stream ends
+        (None: the stream has its final entry, the request ended before its worker died)."""
+        end = await self._stream_end(spec.token_stream_key)
+        if end is not None and end.finish_reason:
+            self._reportable.append(Finished(spec.request_id, end.finish_reason, end.end))
+            self._report_pending = True
+            return None
+        if end is not None and end.end > spec.resume_from_tokens:
+            return replace(spec, resume_from_tokens=end.end)
+        return spec
+
+    async def _with_payloads(self, specs: list[RequestSpec]) -> list[RequestSpec]:
+        """The specs with their payloads (and a resumed request's published tokens), read in
+        one pipelined round trip; a request whose payload is gone (or unreadable) ends with
+        ERROR."""
+        if not specs:
+            return []
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for spec in specs:
+                    pipe.hgetall(spec.payload_key)
+                payloads = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as err:
+            log.error("cannot read the payloads of %d requests: %s", len(specs), err)
+            payloads = [{}] * len(specs)
+        ready = []
+        for spec, payload in zip(specs, payloads, strict=True):
+            if isinstance(payload, Exception):
+                log.error("request %s: cannot read its payload: %s", spec.request_id, payload)
                 payload = {}
             if not payload:
-                self._finish(Finished(
-                    spec.request_id, generation_pb2.FINISH_REASON_ERROR,
-                    spec.resume_from_tokens,
-                ))
-                return
+                self._finish(Finished(spec.request_id, generation_pb2.FINISH_REASON_ERROR,
+                                      spec.resume_from_tokens))
+                continue
             spec = replace(spec, payload={_bytes(k): _bytes(v) for k, v in payload.items()})
             if spec.resume_from_tokens:
                 token_ids, text = await self._published(spec)
                 spec = replace(spec, generated_token_ids=token_ids, generated_text=text)
-        finished = await self._call(partial(self.engine.add, spec))
-        for done in finished:
-            self._finish(done)
-        if not finished and self._executor is not None:
-            self._assigned[spec.request_id] = spec
+            ready.append(spec)
+        return ready
 
     async def _stream_end(self, key: str) -> TokenChunk | None:
         """The last entry of a token stream (None: empty, or Redis failed: then the
@@ -411,7 +458,10 @@ class WorkerLoop:
             outcome, self._progress = await step
             self._assigned.clear()
         # Only now: the publisher must not take tokens while a flush is on its way.
-        if not outcome.idle:
+        if outcome.idle:
+            for done in outcome.finished:  # added, and refused by the engine
+                self._finish(done)
+        else:
             self._absorb(outcome, outcome.start_s, outcome.duration_s)
         if not self._has_work:  # nothing to overlap the last tokens with
             published = await self._publish(force=True) or published
@@ -471,6 +521,10 @@ class WorkerLoop:
         self.session.send_report(report)
         self._last_report_at = time.monotonic()
         self._plan_version_reported = self.plan_version
+
+
+def _held(engine: Engine, request_ids: tuple[str, ...]) -> set[str]:
+    return {rid for rid in request_ids if engine.holds(rid)}
 
 
 def _bytes(value: bytes | str) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 
 from andes.latency import LatencyProfile
 from andes.policies.base import Plan, State
@@ -76,9 +77,13 @@ class SimBackend:
     def holds(self, request_id: str) -> bool:
         return request_id in self._ids
 
-    def add(self, spec: RequestSpec) -> list[Finished]:
-        if spec.request_id in self._ids:
-            return []
+    def add(self, specs: Sequence[RequestSpec]) -> list[Finished]:
+        for spec in specs:
+            if spec.request_id not in self._ids:
+                self._add(spec)
+        return []
+
+    def _add(self, spec: RequestSpec) -> None:
         done = spec.resume_from_tokens
         left = spec.max_tokens - done
         self._next_id += 1
@@ -94,7 +99,6 @@ class SimBackend:
             ttft_s=spec.ttft_s,
             tds=spec.tds,
         )
-        return []
 
     def _int_ids(self, names: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self._ids[n] for n in names if n in self._ids)

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -166,9 +166,12 @@ class VllmBackend:
     def holds(self, request_id: str) -> bool:
         return request_id in self._internal
 
-    def add(self, spec: RequestSpec) -> list[Finished]:
-        if spec.request_id in self._internal:
-            return []
+    def add(self, specs: Sequence[RequestSpec]) -> list[Finished]:
+        return [refused for spec in specs
+                if spec.request_id not in self._internal and (refused := self._add(spec))]
+
+    def _add(self, spec: RequestSpec) -> Finished | None:
+        """Hand one request to vLLM; what it refuses, as finished with ERROR."""
         done = spec.resume_from_tokens
         left = spec.max_tokens - done
         try:
@@ -182,7 +185,7 @@ class VllmBackend:
             # Too long for the model, bad sampling values, a malformed payload: whatever the
             # engine refuses, the request fails alone, with the reason in the worker's log.
             log.warning("request %s refused by the engine: %s", spec.request_id, err)
-            return [Finished(spec.request_id, generation_pb2.FINISH_REASON_ERROR, done)]
+            return Finished(spec.request_id, generation_pb2.FINISH_REASON_ERROR, done)
         self._internal[spec.request_id] = internal
         self._external[internal] = spec.request_id
         self._emitted[spec.request_id] = done
@@ -191,7 +194,7 @@ class VllmBackend:
                 self._engine.get_tokenizer(), spec.generated_token_ids, spec.generated_text
             )
         self._stalled = False
-        return []
+        return None
 
     def _prompt_ids(self, spec: RequestSpec) -> list[int]:
         payload = spec.payload or {}
