@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -271,3 +272,55 @@ def test_the_niceness_comes_from_the_flags_or_the_environment(
     for out_of_range in ("-21", "20"):
         with pytest.raises(SystemExit):
             parse_args([*base, flag, out_of_range])
+
+
+def test_a_vllm_engines_held_requests_as_the_proxy_follows_them(
+        tiny_model: str, vllm_backend: object) -> None:
+    """A vLLM engine in its process sends a request's progress only when its state or KV
+    blocks change, and lists nothing after a step that only decoded: step by step, through
+    admissions, new blocks, engine preemptions and resumes, the proxy's view (counts of
+    tokens taken from the tokens) is what the same engine in-process lists afresh."""
+    from tests.conftest import VLLM_BLOCK_SIZE, VLLM_KV_BLOCKS
+    from tests.vllm_support import PROMPTS, plan, spec
+    from worker.vllm_backend import VllmConfig
+
+    config = WorkerConfig(
+        worker_id="w", scheduler="127.0.0.1:1", redis_url="redis://x", backend="vllm",
+        vllm=VllmConfig(model=tiny_model, dtype="float32", max_num_seqs=8,
+                        max_num_batched_tokens=256, max_model_len=256,
+                        num_gpu_blocks=VLLM_KV_BLOCKS, block_size=VLLM_BLOCK_SIZE,
+                        measure_profile=False))
+    process = EngineProcess(build_engine, config)
+    local: Any = vllm_backend
+    try:
+        # 6 x (prompt + 70 tokens) is more KV than the 12 blocks of 32: the engine preempts.
+        specs = [spec(PROMPTS[i % len(PROMPTS)], 70, ignore_eos=True, request_id=f"r{i}")
+                 for i in range(6)]
+        first = plan(admit=tuple(s.request_id for s in specs))
+        for engine in (process, local):
+            engine.add(specs)
+            engine.apply(first)
+        steps = quiet = forced = 0
+        while True:
+            while process.has_work():
+                outcome, expected = process.step(time.time()), local.step(time.time())
+                time.sleep(0.05)  # the child computes its next step meanwhile
+                assert outcome.tokens == expected.tokens
+                assert outcome.finished == expected.finished
+                assert sorted(process.progress()) == sorted(local.progress())
+                steps += 1
+                quiet += not expected.held_changed
+                forced += len(expected.forced_preemptions)
+            assert not local.has_work()
+            parked = tuple(p.request_id for p in local.progress())
+            if not parked:
+                break
+            resume = plan(resume=parked)  # as the planner would, once KV is free
+            process.apply(resume)
+            local.apply(resume)
+        assert forced > 0, "this much KV pressure must make the engine preempt"
+        assert 0 < quiet < steps  # the listing was skipped, and not always
+    finally:
+        process.close()
+        for rid in [p.request_id for p in local.progress()]:
+            local.cancel((rid,))

@@ -105,6 +105,10 @@ class StepOutcome:
     idle: bool = False
     """No iteration ran: the engine had nothing to compute when asked (an engine in another
     process can be asked just as a plan left it without work)."""
+    held_changed: bool = True
+    """Whether the iteration may have changed a held request's state or KV blocks (beyond
+    its count of tokens, which ``tokens`` tell): an engine that knows it did not (a batch
+    that only decoded) spares its process the listing of every held request."""
 
 
 class Engine(Protocol):

@@ -56,6 +56,9 @@ class StepRecord:
     """Tokens each request computes in this step (prefill chunk, or 1 for a decode)."""
     forced_preemptions: list[str] = field(default_factory=list)
     """Requests vLLM preempted by itself (KV ran out), now parked."""
+    moved: bool = True
+    """Some request changed queue or KV blocks: started, resumed, preempted, or given a
+    new block."""
 
 
 class PlanScheduler(Scheduler):  # type: ignore[misc]
@@ -135,8 +138,11 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
                 self.waiting.remove_request(request)
                 self._park(request)
         self._planned_preemptions.clear()
+        cached = output.scheduled_cached_reqs
         self.last_step = StepRecord(
-            scheduled_tokens=dict(output.num_scheduled_tokens), forced_preemptions=forced
+            scheduled_tokens=dict(output.num_scheduled_tokens), forced_preemptions=forced,
+            moved=bool(output.scheduled_new_reqs or cached.resumed_req_ids or preempted
+                       or any(blocks is not None for blocks in cached.new_block_ids)),
         )
         return output
 
