@@ -409,11 +409,11 @@ class _EngineCore:
 
     def take(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind != "step":
-            self.held_changed = True
         if kind == "step":
             self.step_wanted = True
-        elif kind == "add":
+            return
+        self.held_changed = True
+        if kind == "add":
             self.add(message[1])
         elif kind == "apply":
             try:
