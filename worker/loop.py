@@ -312,16 +312,15 @@ class WorkerLoop:
         for rid, (assigned, moved) in specs.items():
             if rid in held:
                 continue
-            resumable = await self._resume_point(assigned) if moved else assigned
-            if resumable is None:
+            resumed = await self._resume_point(assigned) if moved else assigned
+            if resumed is None:
                 continue
-            spec = resumable
-            self.publisher.open(rid, spec.token_stream_key, spec.resume_from_tokens)
-            if spec.resume_from_tokens >= spec.max_tokens:  # moved here after its last token
-                self._finish(Finished(spec.request_id, generation_pb2.FINISH_REASON_LENGTH,
-                                      spec.resume_from_tokens))
+            start = resumed.resume_from_tokens
+            self.publisher.open(rid, resumed.token_stream_key, start)
+            if start >= resumed.max_tokens:  # moved here after its last token
+                self._finish(Finished(rid, generation_pb2.FINISH_REASON_LENGTH, start))
             else:
-                startable.append(spec)
+                startable.append(resumed)
         if self.engine.needs_payload:
             startable = await self._with_payloads(startable)
         if not startable:

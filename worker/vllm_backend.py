@@ -230,7 +230,6 @@ class VllmBackend:
             duration_s=duration,
             scheduled_tokens=sum(record.scheduled_tokens.values()),
             forced_preemptions=[external[r] for r in record.forced_preemptions if r in external],
-            held_changed=record.moved,
         )
         for output in outputs:
             rid = output.request_id
@@ -250,7 +249,7 @@ class VllmBackend:
                     completion.finish_reason or "", generation_pb2.FINISH_REASON_ERROR
                 )
                 outcome.finished.append(Finished(rid, reason, self._forget(rid)))
-                outcome.held_changed = True
+        outcome.held_changed = record.moved or bool(outcome.finished)
         return outcome
 
     def _forget(self, request_id: str) -> int:
