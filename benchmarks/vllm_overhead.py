@@ -8,6 +8,10 @@ fixed output lengths), all sent at once so the engine is never idle:
 * **system**: gateway -> scheduler -> one vllm worker -> Redis -> gRPC clients, with the
   ``fcfs`` policy (the same admission order as vLLM's).
 
+Both run the engine on the same CPU (``--engine-cpus``, the last one by default), as a CPU
+deployment would: the system's services (and this client) keep to the other CPUs, as a
+plain engine has its CPU to itself.
+
 Output tokens/s of each and their ratio (goal >= 0.9): each repeat runs a plain and a system
 half back to back (the order swapped every repeat), and the figure is the median of the
 repeats' ratios; the ratio of the two halves' medians is reported beside it. Where the
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -32,6 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ import grpc
 
 from andes.up import ClusterConfig, LocalCluster, free_port
 from andes.v1 import generation_pb2, generation_pb2_grpc
+from worker.engine_process import parse_cpus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vllm_overhead.json"
 
@@ -56,12 +63,14 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
 
 def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     """Child process: vLLM alone, the loop every vLLM user writes."""
-    from worker.engine_process import ENGINE_NICE, set_nice
+    from worker.engine_process import ENGINE_NICE, parse_cpus, pin_to_cpus, set_nice
     from worker.vllm_backend import VllmConfig, prepare_environment
 
     # The same priority as the system's engine process (niceness and scheduling group), so
     # that the two differ only by the services around the engine.
     set_nice(ENGINE_NICE, "plain engine", own_session=True)
+    if args.engine_cpus:
+        pin_to_cpus(parse_cpus(args.engine_cpus), "plain engine")
     prepare_environment(VllmConfig(model=args.model))
     from vllm import EngineArgs, LLMEngine, SamplingParams
 
@@ -150,9 +159,10 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
     config = ClusterConfig(
         backend="vllm", model=args.model, workers=1, policy="fcfs",
         gateway_port=free_port(), scheduler_port=free_port(),
-        worker_args=(*engine_flags(args), "--metrics-port", str(metrics_port)),
+        worker_args=(*engine_flags(args), "--metrics-port", str(metrics_port),
+                     "--engine-cpus", args.engine_cpus),
     )
-    with LocalCluster(config) as cluster:
+    with services_off(args.engine_cpus), LocalCluster(config) as cluster:
         pids = {name: pid for name, pid in cluster.pids().items() if name != "redis"}
         pids["redis"] = cluster.pids().get("redis", _redis_pid())
         pids["client (this benchmark)"] = os.getpid()
@@ -168,6 +178,20 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
                    "mean_step_s": engine_s / max(steps, 1),
                    "outside_engine_fraction": 1 - engine_s / result["seconds"]})
     return result
+
+
+@contextlib.contextmanager
+def services_off(engine_cpus: str) -> Iterator[None]:
+    """While the block runs, this process (the client) and what it starts (the services,
+    a private Redis) keep off ``engine_cpus``; the worker puts its engine there."""
+    mine = os.sched_getaffinity(0)
+    rest = mine - parse_cpus(engine_cpus)
+    if rest and rest != mine:
+        os.sched_setaffinity(0, rest)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,6 +232,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def _plain_in_child(args: argparse.Namespace) -> dict[str, Any]:
     child = subprocess.run(
         [sys.executable, __file__, "--plain-only", "--model", args.model,
+         "--engine-cpus", args.engine_cpus,
          "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
          "--max-batch", str(args.max_batch), "--kv-blocks", str(args.kv_blocks),
          "--max-batched-tokens", str(args.max_batched_tokens)],
@@ -215,6 +240,13 @@ def _plain_in_child(args: argparse.Namespace) -> dict[str, Any]:
     )
     result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
     return result
+
+
+def default_engine_cpus() -> str:
+    """The engine on a CPU of its own, as a CPU deployment runs it (``--engine-cpus``):
+    the last one, where the services have another."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return str(cpus[-1]) if len(cpus) > 1 else ""
 
 
 def main() -> None:
@@ -229,6 +261,10 @@ def main() -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-blocks", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine-cpus", default=default_engine_cpus(),
+                        help="CPUs of the engine, plain and in the system, where the services "
+                             "keep off (taskset -c list; empty: no pinning; default: the "
+                             "last CPU where there are two or more)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -16,7 +16,14 @@ import pytest
 from andes.policies.base import State
 from andes.v1 import generation_pb2
 from worker.engine import Engine, Finished, PlanSpec, RequestSpec
-from worker.engine_process import EngineDiedError, EngineProcess, autogroup_nice
+from worker.engine_process import (
+    EngineDiedError,
+    EngineProcess,
+    autogroup_nice,
+    avoid_cpus,
+    parse_cpus,
+    pin_to_cpus,
+)
 from worker.service import WorkerConfig, build_engine
 from worker.sim_backend import SimBackend
 
@@ -253,6 +260,93 @@ def test_the_child_runs_at_the_niceness_asked_for() -> None:
             assert process.add([_spec("a")]) == [] and process.holds("a")
         finally:
             process.close()
+
+
+def test_the_child_runs_on_the_cpus_asked_for_with_a_thread_per_cpu() -> None:
+    last = max(os.sched_getaffinity(0))
+    process = EngineProcess(build_engine, _config(), cpus=frozenset({last}))
+    try:
+        assert process.pid is not None
+        assert os.sched_getaffinity(process.pid) == {last}
+        assert process.add([_spec("a")]) == [] and process.holds("a")
+    finally:
+        process.close()
+
+
+def test_pinning_sets_one_compute_thread_per_cpu_unless_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a thread of its own (affinity is per thread on Linux, and the child's main thread
+    pins itself before it starts any)."""
+    import threading
+
+    cpus = frozenset(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    for expected in (str(len(cpus)), str(len(cpus))):  # the second time: already set
+        thread = threading.Thread(target=pin_to_cpus, args=(cpus, "engine"))
+        thread.start()
+        thread.join()
+        assert os.environ["OMP_NUM_THREADS"] == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    thread = threading.Thread(target=pin_to_cpus, args=(cpus, "engine"))
+    thread.start()
+    thread.join()
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_an_engine_pinned_to_cpus_it_may_not_use_does_not_start() -> None:
+    missing = max(os.sched_getaffinity(0)) + 1000
+    with pytest.raises(ValueError, match=f"cannot run on CPUs \\[{missing}\\]"):
+        EngineProcess(build_engine, _config(), cpus=frozenset({missing}))
+
+
+def test_the_worker_keeps_off_the_engines_cpus() -> None:
+    """In a thread of its own (affinity is per thread on Linux), as the worker's main thread
+    does it before it starts any."""
+    import threading
+
+    mine = os.sched_getaffinity(0)
+    seen: list[set[int]] = []
+
+    def run(cpus: frozenset[int]) -> None:
+        avoid_cpus(cpus, "worker")
+        seen.append(os.sched_getaffinity(0))
+
+    for cpus in (frozenset({max(mine)}), frozenset(mine)):
+        thread = threading.Thread(target=run, args=(cpus,))
+        thread.start()
+        thread.join()
+    # Off the engine's CPU where others remain; where none would, where it was.
+    assert seen == [mine - {max(mine)} or mine, mine]
+    assert os.sched_getaffinity(0) == mine
+
+
+@pytest.mark.parametrize(("text", "cpus"), [
+    ("", set()), ("3", {3}), ("0,2", {0, 2}), ("4-7,12", {4, 5, 6, 7, 12}), (" 1 , 1-2 ", {1, 2}),
+])
+def test_cpu_lists_read_as_taskset_writes_them(text: str, cpus: set[int]) -> None:
+    assert parse_cpus(text) == cpus
+
+
+@pytest.mark.parametrize("text", ["x", "3-1", "-1", "1-", "2.5"])
+def test_a_cpu_list_that_is_not_one_is_refused_by_its_part(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a CPU number or range"):
+        parse_cpus(text)
+
+
+def test_the_engine_cpus_come_from_the_flag_or_the_environment(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import parse_args
+
+    base = ["--backend", "vllm", "--model", "/m"]
+    last = max(os.sched_getaffinity(0))
+    assert parse_args(base).engine_cpus == frozenset()
+    monkeypatch.setenv("ANDES_ENGINE_CPUS", str(last))
+    assert parse_args(base).engine_cpus == {last}
+    assert parse_args([*base, "--engine-cpus", f"{last}-{last}"]).engine_cpus == {last}
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--engine-cpus", "one"])
+    assert "--engine-cpus: 'one' is not a CPU number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("flag", "variable", "default"), [

@@ -23,7 +23,7 @@ from andes.heap import settle_heap
 from andes.tls import ChannelTls, TlsError
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
-from worker.engine_process import ENGINE_NICE, FEEDER_NICE
+from worker.engine_process import ENGINE_NICE, FEEDER_NICE, parse_cpus
 from worker.service import BACKENDS, WorkerConfig, WorkerService, start_engine
 from worker.session import RegistrationRefusedError
 from worker.vllm_backend import VllmConfig
@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       default=int(env("ANDES_WORKER_NICE", str(FEEDER_NICE))),
                       help="niceness of the worker's own process, which feeds the engine "
                            "every step (below 0 needs root or CAP_SYS_NICE)")
+    vllm.add_argument("--engine-cpus", default=env("ANDES_ENGINE_CPUS", ""),
+                      help="CPUs the engine's process runs on, as taskset -c lists them (e.g. "
+                           "3 or 2-7); the worker keeps off them, and one compute thread per "
+                           "CPU (default: no pinning)")
     vllm.add_argument("--no-measure-profile", action="store_true",
                       help="register a flat default profile instead of measuring at start-up")
     parser.add_argument("--metrics-port", type=int,
@@ -116,6 +120,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("engine_nice", "worker_nice"):
         if not -20 <= getattr(args, name) <= 19:
             parser.error(f"--{name.replace('_', '-')} must be in [-20, 19]")
+    try:
+        args.engine_cpus = parse_cpus(args.engine_cpus)
+    except ValueError as err:
+        parser.error(f"--engine-cpus: {err}")
     if not 0 <= args.publish_interval_ms < 10_000:
         parser.error("--publish-interval-ms must be in [0, 10000)")
     if not 0 <= args.report_interval_ms < 1_000:
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         report_interval_s=args.report_interval_ms / 1000,
         engine_nice=args.engine_nice,
         worker_nice=args.worker_nice,
+        engine_cpus=args.engine_cpus,
         scheduler_tls=ChannelTls(ca=args.scheduler_tls_ca, cert=args.scheduler_tls_cert,
                                  key=args.scheduler_tls_key,
                                  server_name=args.scheduler_tls_server_name),

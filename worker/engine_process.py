@@ -106,16 +106,18 @@ class EngineProcess:
 
     ``build`` is called in the child: a module-level function (it is pickled by reference),
     with ``config`` as its only argument. ``nice``: the child's niceness (None: the
-    worker's)."""
+    worker's); ``cpus``: the CPUs the child runs on (empty: the worker's), see
+    :func:`pin_to_cpus`."""
 
     blocking = True
 
     def __init__(self, build: Callable[[Any], Engine], config: Any, *,
-                 nice: int | None = None) -> None:
+                 nice: int | None = None, cpus: frozenset[int] = frozenset()) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(build, config, child_conn, nice), name="engine", daemon=True
+            target=_serve, args=(build, config, child_conn, nice, cpus), name="engine",
+            daemon=True,
         )
         self._process.start()
         child_conn.close()
@@ -258,7 +260,7 @@ _CALLS = frozenset({"cancel", "progress"})
 
 
 def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
-           nice: int | None) -> None:
+           nice: int | None, cpus: frozenset[int]) -> None:
     """The child: build the engine, then serve the parent until it goes away."""
     logging.basicConfig(
         level=os.environ.get("ANDES_LOG_LEVEL", "INFO").upper(),
@@ -269,6 +271,8 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
         # its worker's: at the same niceness it shares the worker's group, as before.
         set_nice(nice, "engine", own_session=nice != os.getpriority(os.PRIO_PROCESS, 0))
     try:
+        if cpus:
+            pin_to_cpus(cpus, "engine")
         engine = build(config)
     except BaseException as err:  # reported to the parent, which stops the worker
         conn.send((False, _picklable(err), None))
@@ -280,6 +284,59 @@ def _serve(build: Callable[[Any], Engine], config: Any, conn: Connection,
         _EngineCore(engine, conn).run()
     except (EOFError, OSError):
         return  # the worker is gone
+
+
+def pin_to_cpus(cpus: frozenset[int], who: str) -> None:
+    """Run this process (the calling thread and the threads it starts afterwards: call it
+    before starting any) on ``cpus`` only; the engine's compute threads default to one per
+    CPU (``OMP_NUM_THREADS``, unless set). ValueError if none of them is available here.
+
+    An engine that shares its cores loses time to every service the kernel runs there: with
+    the tiny model on the 2-core machine its steps took 8-32% longer beside the services
+    than alone, 5% once the engine had a core to itself (docs/results.md). Niceness alone
+    does not prevent it: a service that wakes up still preempts the engine for a while."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as err:
+        available = sorted(os.sched_getaffinity(0))
+        raise ValueError(f"the {who} cannot run on CPUs {sorted(cpus)} (this process may use "
+                         f"{available}): {err}") from err
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+    log.info("%s process pinned to CPUs %s", who, format_cpus(cpus))
+
+
+def avoid_cpus(cpus: frozenset[int], who: str) -> None:
+    """Keep this process (the calling thread and the threads it starts afterwards) off
+    ``cpus``, the engine's, where it may use others; a warning where it may not."""
+    allowed = os.sched_getaffinity(0)
+    rest = allowed - cpus
+    if not rest:
+        log.warning("the %s shares the engine's CPUs %s: it may use no others",
+                    who, format_cpus(cpus))
+        return
+    os.sched_setaffinity(0, rest)
+    log.info("%s process on CPUs %s (the engine's: %s)", who, format_cpus(frozenset(rest)),
+             format_cpus(cpus))
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """A Linux CPU list (``taskset -c`` syntax: ``3``, ``0,2``, ``4-7,12``); empty: none.
+    ValueError naming the part that is not one."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a CPU number or range (e.g. 3 or 2-5)") from None
+        if first < 0 or last < first:
+            raise ValueError(f"{part!r} is not a CPU number or range (e.g. 3 or 2-5)")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def format_cpus(cpus: frozenset[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 def set_nice(nice: int, who: str, *, own_session: bool = False) -> None:

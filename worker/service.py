@@ -19,7 +19,13 @@ from andes.redis_packing import HiredisPackedConnection
 from andes.tls import ChannelTls
 from andes.tokenstream import DEFAULT_PREFIX
 from worker.engine import Engine
-from worker.engine_process import ENGINE_NICE, FEEDER_NICE, EngineProcess, set_nice
+from worker.engine_process import (
+    ENGINE_NICE,
+    FEEDER_NICE,
+    EngineProcess,
+    avoid_cpus,
+    set_nice,
+)
 from worker.loop import WorkerLoop
 from worker.publisher import TokenPublisher
 from worker.session import SchedulerSession, cancel_and_wait
@@ -61,6 +67,9 @@ class WorkerConfig:
     worker_nice: int = FEEDER_NICE
     """Niceness of the worker itself when its engine runs in a process of its own (see
     :data:`worker.engine_process.FEEDER_NICE`)."""
+    engine_cpus: frozenset[int] = frozenset()
+    """CPUs a real engine's process runs on alone (the worker keeps off them); empty: the
+    kernel places it (see :func:`worker.engine_process.pin_to_cpus`)."""
 
 
 def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | None]:
@@ -71,7 +80,10 @@ def start_engine(config: WorkerConfig) -> tuple[Engine, ThreadPoolExecutor | Non
     if config.backend != "vllm":
         return build_engine(config), None
     set_nice(config.worker_nice, "worker")  # before any thread of its own starts
-    return (EngineProcess(build_engine, config, nice=config.engine_nice),
+    if config.engine_cpus:
+        avoid_cpus(config.engine_cpus, "worker")
+    return (EngineProcess(build_engine, config, nice=config.engine_nice,
+                          cpus=config.engine_cpus),
             ThreadPoolExecutor(1, "engine"))
 
 
