@@ -33,6 +33,11 @@ PLAN_ROUND_TRIP = Histogram(
     "the worker's wall clocks: exact on one machine, as good as their sync otherwise.",
     buckets=PLAN_TRIP_BUCKETS,
 )
+SUBMIT_BATCH_SIZE = Histogram(
+    "andes_submit_batch_size",
+    "Requests per SubmitBatch call from a gateway (its concurrent submissions travel together).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 PREEMPTIONS = Counter(
     "andes_preemptions",
     "Preemptions: planned (in a plan sent to a worker) or forced (the engine ran out of KV).",

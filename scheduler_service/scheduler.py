@@ -81,10 +81,34 @@ class WorkerSessionHandle:
     """Plans sent and not yet applied: version -> when its snapshot was taken (wall clock)."""
     closed: bool = False
     task: asyncio.Task[None] | None = None
+    open_assignments: Outgoing | None = None
+    """The outbox's last message while it carries assignments and waits to be written: the
+    next assignment joins it (one message for a burst's assignments, still in order)."""
 
     def send(self, message: Outgoing) -> None:
         if not self.closed:
+            self.open_assignments = None  # an assignment after it must not overtake it
             self.outbox.put_nowait(message)
+
+    def assign(self, assignment: scheduler_pb2.Assignment) -> None:
+        """Send ``assignment``: with the assignments waiting to be written, if the last
+        message waiting is theirs."""
+        if self.closed:
+            return
+        if self.open_assignments is not None:
+            self.open_assignments.assignments.assignments.append(assignment)
+            return
+        batch = Outgoing(assignments=scheduler_pb2.Assignments(assignments=[assignment]))
+        self.open_assignments = batch
+        self.outbox.put_nowait(batch)
+
+    async def next_message(self) -> Outgoing | None:
+        """The outbox's next message for the session's writer (None: end the stream); an
+        assignments message taken takes no more assignments."""
+        message = await self.outbox.get()
+        if message is self.open_assignments:
+            self.open_assignments = None
+        return message
 
     def close(self) -> None:
         """Make the session's gRPC handler end the stream."""
@@ -94,20 +118,19 @@ class WorkerSessionHandle:
         self.wake.set()
 
 
-def assignment_for(entry: RequestEntry) -> Outgoing:
+def assignment_for(entry: RequestEntry, *, moved: bool = False) -> scheduler_pb2.Assignment:
     meta = entry.meta
-    return Outgoing(
-        assignment=scheduler_pb2.Assignment(
-            request_id=meta.request_id,
-            payload_key=meta.payload_key,
-            token_stream_key=meta.token_stream_key,
-            prompt_tokens=meta.prompt_tokens,
-            max_tokens=meta.max_tokens,
-            sampling=meta.sampling,
-            qoe=generation_pb2.QoESpec(ttft_s=meta.ttft_s, tds=meta.tds),
-            arrival_unix_s=meta.arrival_s,
-            resume_from_tokens=entry.resume_from_tokens,
-        )
+    return scheduler_pb2.Assignment(
+        request_id=meta.request_id,
+        payload_key=meta.payload_key,
+        token_stream_key=meta.token_stream_key,
+        prompt_tokens=meta.prompt_tokens,
+        max_tokens=meta.max_tokens,
+        sampling=meta.sampling,
+        qoe=generation_pb2.QoESpec(ttft_s=meta.ttft_s, tds=meta.tds),
+        arrival_unix_s=meta.arrival_s,
+        resume_from_tokens=entry.resume_from_tokens,
+        moved=moved,
     )
 
 
@@ -221,7 +244,7 @@ class Scheduler:
         except TooLargeError as err:
             raise RejectedError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
         entry = self.table.add(meta, worker_id)
-        self.sessions[worker_id].send(assignment_for(entry))
+        self.sessions[worker_id].assign(assignment_for(entry))
         self._mark_dirty(worker_id)
         return worker_id
 
@@ -414,9 +437,7 @@ class Scheduler:
                 entry.orphaned_at = self.clock()
             return  # stays an orphan until a worker can take it
         self.table.move(entry, worker_id)
-        outgoing = assignment_for(entry)
-        outgoing.assignment.moved = True
-        self.sessions[worker_id].send(outgoing)
+        self.sessions[worker_id].assign(assignment_for(entry, moved=True))
         self._mark_dirty(worker_id)
         log.info("request %s moved to worker %s at token %d", entry.request_id, worker_id,
                  entry.resume_from_tokens)

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from andes.tls import ServerCredentials, add_port
 from andes.v1 import scheduler_pb2, scheduler_pb2_grpc
 from gateway.grpc_events import NotificationDrain, drain_grpc_notifications
+from scheduler_service.metrics import SUBMIT_BATCH_SIZE
 from scheduler_service.scheduler import RejectedError, Scheduler, WorkerSessionHandle
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except RejectedError as err:
             await context.abort(err.code, err.message)
         return scheduler_pb2.SubmitResponse(worker_id=worker_id)
+
+    async def SubmitBatch(
+        self, request: scheduler_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitBatchResponse:
+        SUBMIT_BATCH_SIZE.observe(len(request.requests))
+        results = []
+        for item in request.requests:
+            try:
+                results.append(scheduler_pb2.SubmitResult(
+                    worker_id=self._scheduler.submit(item)))
+            except RejectedError as err:
+                results.append(scheduler_pb2.SubmitResult(
+                    code=err.code.value[0], message=err.message))
+        return scheduler_pb2.SubmitBatchResponse(results=results)
 
     async def Abort(
         self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -93,7 +108,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             reader = asyncio.create_task(self._read(context, handle))
             try:
                 while True:
-                    message = await handle.outbox.get()
+                    message = await handle.next_message()
                     if message is None:
                         break
                     await context.write(message)

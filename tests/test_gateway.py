@@ -1,7 +1,7 @@
 """The gateway end to end over real sockets: real gRPC on 127.0.0.1, a real Redis.
 
-The scheduler service is replaced by a small in-test ``SchedulerService`` whose Submit plays
-the worker too: it writes the request's tokens into its Redis stream with
+The scheduler service is replaced by a small in-test ``SchedulerService`` whose SubmitBatch
+plays the worker too: it writes the request's tokens into its Redis stream with
 ``andes.tokenstream.encode_chunk``, as a worker would. Requests whose id starts with ``hold``
 get two chunks and then nothing more until they are aborted (then a CANCELLED final entry), so
 tests can hold a stream open.
@@ -56,7 +56,7 @@ def _text(token_ids: tuple[int, ...]) -> str:
 
 
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """Submit records the request and writes its tokens to Redis (the worker's job).
+    """SubmitBatch records the requests and writes their tokens to Redis (the worker's job).
 
     ``hold_prefix``: requests whose id starts with it are held open until aborted (empty:
     none are, for tests whose ids are arbitrary).
@@ -66,20 +66,25 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.redis = redis
         self.hold_prefix = hold_prefix
         self.submits: dict[str, scheduler_pb2.SubmitRequest] = {}
+        self.batches: list[int] = []
+        """Requests per SubmitBatch call."""
         self.aborts: list[tuple[str, str]] = []
         self.progress: list[scheduler_pb2.DeliveryProgress] = []
         self.produced: dict[str, int] = {}
         self.finished: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def Submit(
-        self, request: scheduler_pb2.SubmitRequest, context: Any
-    ) -> scheduler_pb2.SubmitResponse:
-        self.submits[request.request_id] = request
-        task = asyncio.create_task(self._produce(request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return scheduler_pb2.SubmitResponse(worker_id="test-worker")
+    async def SubmitBatch(
+        self, request: scheduler_pb2.SubmitBatchRequest, context: Any
+    ) -> scheduler_pb2.SubmitBatchResponse:
+        self.batches.append(len(request.requests))
+        for item in request.requests:
+            self.submits[item.request_id] = item
+            task = asyncio.create_task(self._produce(item))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return scheduler_pb2.SubmitBatchResponse(results=[
+            scheduler_pb2.SubmitResult(worker_id="test-worker") for _ in request.requests])
 
     async def _produce(self, request: scheduler_pb2.SubmitRequest) -> None:
         hold = bool(self.hold_prefix) and request.request_id.startswith(self.hold_prefix)

@@ -198,6 +198,7 @@ def test_scheduler_service_has_the_documented_rpcs() -> None:
     shapes = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert shapes == {
         "Submit": (False, False),
+        "SubmitBatch": (False, False),
         "Abort": (False, False),
         "ReportDelivery": (True, False),
         "WorkerSession": (True, True),

@@ -32,7 +32,7 @@ from andes import tokenstream
 from andes.latency import load_profile
 from andes.policies import make_policy
 from andes.v1 import generation_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler_service.scheduler import Scheduler
+from scheduler_service.scheduler import Scheduler, WorkerSessionHandle
 from scheduler_service.server import SchedulerServer
 from tests.conftest import free_port
 from worker.engine import PlanSpec, TokenRun
@@ -246,6 +246,120 @@ def test_submit_rejects_bad_input_and_duplicates(redis_url: str) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await c.submit("twice")
             assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    run(scenario())
+
+
+def _submission(c: Cluster, request_id: str, max_tokens: int = 8) -> scheduler_pb2.SubmitRequest:
+    return scheduler_pb2.SubmitRequest(
+        request_id=request_id, gateway_id="test", prompt_tokens=16, max_tokens=max_tokens,
+        qoe=generation_pb2.QoESpec(ttft_s=1.0, tds=4.8), arrival_unix_s=time.time(),
+        payload_key=tokenstream.payload_key(request_id, c.prefix),
+        token_stream_key=tokenstream.stream_key(request_id, c.prefix),
+    )
+
+
+def _batch_metric(name: str) -> float:
+    return REGISTRY.get_sample_value(f"andes_submit_batch_size_{name}") or 0.0
+
+
+def test_a_batch_of_submissions_is_placed_in_order_each_with_its_result(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with cluster(redis_url, "fcfs") as c:
+            reply = await c.stub.SubmitBatch(scheduler_pb2.SubmitBatchRequest(
+                requests=[_submission(c, "early-1"), _submission(c, "early-2")]), timeout=5)
+            assert [r.code for r in reply.results] == [grpc.StatusCode.UNAVAILABLE.value[0]] * 2
+            await c.start_worker("w0", kv_blocks=64)
+            for rid in ("b-1", "b-2"):
+                await c.redis.hset(tokenstream.payload_key(rid, c.prefix),
+                                   mapping={"prompt": f"prompt of {rid}", "max_tokens": 8})
+            calls, sizes = _batch_metric("count"), _batch_metric("sum")
+            reply = await c.stub.SubmitBatch(scheduler_pb2.SubmitBatchRequest(requests=[
+                _submission(c, "b-1"), _submission(c, "b-1"), _submission(c, "bad", 0),
+                _submission(c, "b-2"),
+            ]), timeout=5)
+            codes = [grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS,
+                     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK]
+            assert [r.code for r in reply.results] == [code.value[0] for code in codes]
+            assert [r.worker_id for r in reply.results] == ["w0", "", "", "w0"]
+            assert "max_tokens" in reply.results[2].message
+            assert "already live" in reply.results[1].message
+            assert (_batch_metric("count") - calls, _batch_metric("sum") - sizes) == (1, 4)
+            # Both reached the worker (as one Assignments message) and ran.
+            for rid in ("b-1", "b-2"):
+                assert_complete(rid, await c.read_stream(rid), 8)
+
+    run(scenario())
+
+
+def test_assignments_waiting_in_a_sessions_outbox_travel_together_in_order() -> None:
+    async def scenario() -> None:
+        handle = WorkerSessionHandle("w", 1)
+        assignments = [scheduler_pb2.Assignment(request_id=f"r{i}") for i in range(4)]
+        handle.assign(assignments[0])
+        handle.assign(assignments[1])
+        handle.send(scheduler_pb2.WorkerSessionResponse(
+            abort_requests=scheduler_pb2.AbortRequests(request_ids=["r0"])))
+        handle.assign(assignments[2])  # after the abort: a message of its own
+
+        def ids(message: scheduler_pb2.WorkerSessionResponse | None) -> list[str]:
+            assert message is not None
+            return [a.request_id for a in message.assignments.assignments]
+
+        assert ids(await handle.next_message()) == ["r0", "r1"]
+        abort = await handle.next_message()
+        assert abort is not None and list(abort.abort_requests.request_ids) == ["r0"]
+        taken = await handle.next_message()
+        handle.assign(assignments[3])  # the writer has the last one: a new message
+        assert ids(taken) == ["r2"]
+        assert ids(await handle.next_message()) == ["r3"]
+        handle.close()
+        assert await handle.next_message() is None
+
+    run(scenario())
+
+
+def test_the_gateways_concurrent_submissions_travel_in_few_calls(redis_url: str) -> None:
+    from gateway.scheduler import SchedulerClient, SchedulerError
+
+    async def scenario() -> None:
+        async with cluster(redis_url, "fcfs") as c:
+            await c.start_worker("w0")
+            client = SchedulerClient(c.server.address)
+            sample = _submission(c, "x")
+
+            async def submit(request_id: str, timeout_s: float = 5.0) -> str:
+                await c.redis.hset(tokenstream.payload_key(request_id, c.prefix),
+                                   mapping={"prompt": "p", "max_tokens": 8})
+                return await client.submit(
+                    request_id=request_id, gateway_id="test", prompt_tokens=16, max_tokens=8,
+                    qoe=sample.qoe, sampling=sample.sampling, arrival_unix_s=time.time(),
+                    payload_key=tokenstream.payload_key(request_id, c.prefix),
+                    token_stream_key=tokenstream.stream_key(request_id, c.prefix),
+                    timeout_s=timeout_s)
+
+            try:
+                assert await submit("alone") == "w0"  # nothing waits: it goes at once
+                calls, sizes = _batch_metric("count"), _batch_metric("sum")
+                ids = [f"many-{i}" for i in range(20)]
+                placed = await asyncio.gather(*(submit(rid) for rid in [*ids, "many-0"]),
+                                              return_exceptions=True)
+                assert placed[:20] == ["w0"] * 20
+                duplicate = placed[20]
+                assert isinstance(duplicate, SchedulerError)
+                assert duplicate.code == grpc.StatusCode.ALREADY_EXISTS
+                # The payload writes interleave the calls; at most a few batches carry all 21.
+                batches = _batch_metric("count") - calls
+                assert _batch_metric("sum") - sizes == 21 and batches < 21
+                for rid in ids:
+                    assert_complete(rid, await c.read_stream(rid), 8)
+                # A caller that stops waiting gets DEADLINE_EXCEEDED; its batch goes on.
+                with pytest.raises(SchedulerError) as err:
+                    await submit("impatient", timeout_s=1e-6)
+                assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert_complete("impatient", await c.read_stream("impatient"), 8)
+            finally:
+                await client.close()
 
     run(scenario())
 

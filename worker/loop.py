@@ -278,8 +278,8 @@ class WorkerLoop:
         assignments: list[scheduler_pb2.Assignment] = []
         for msg in messages:
             kind = msg.WhichOneof("message")
-            if kind == "assignment":
-                assignments.append(msg.assignment)
+            if kind == "assignments":
+                assignments.extend(msg.assignments.assignments)
                 continue
             if assignments:
                 await self._assign(assignments)

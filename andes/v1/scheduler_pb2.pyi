@@ -62,6 +62,28 @@ class SubmitResponse(_message.Message):
     worker_id: str
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
+class SubmitBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SubmitRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SubmitRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitResult(_message.Message):
+    __slots__ = ("worker_id", "code", "message")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    code: int
+    message: str
+    def __init__(self, worker_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SubmitBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SubmitResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SubmitResult, _Mapping]]] = ...) -> None: ...
+
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "reason")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -227,14 +249,20 @@ class Heartbeat(_message.Message):
     def __init__(self, sent_unix_s: _Optional[float] = ...) -> None: ...
 
 class WorkerSessionResponse(_message.Message):
-    __slots__ = ("assignment", "plan", "abort_requests")
-    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("plan", "abort_requests", "assignments")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     ABORT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
-    assignment: Assignment
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     plan: Plan
     abort_requests: AbortRequests
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., abort_requests: _Optional[_Union[AbortRequests, _Mapping]] = ...) -> None: ...
+    assignments: Assignments
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., abort_requests: _Optional[_Union[AbortRequests, _Mapping]] = ..., assignments: _Optional[_Union[Assignments, _Mapping]] = ...) -> None: ...
+
+class Assignments(_message.Message):
+    __slots__ = ("assignments",)
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("request_id", "payload_key", "token_stream_key", "prompt_tokens", "max_tokens", "sampling", "qoe", "arrival_unix_s", "resume_from_tokens", "moved")

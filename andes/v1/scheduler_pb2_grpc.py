@@ -40,6 +40,11 @@ class SchedulerServiceStub:
                 request_serializer=andes_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=andes_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/andes.v1.SchedulerService/SubmitBatch',
+                request_serializer=andes_dot_v1_dot_scheduler__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=andes_dot_v1_dot_scheduler__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/andes.v1.SchedulerService/Abort',
                 request_serializer=andes_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -68,6 +73,15 @@ class SchedulerServiceServicer:
         Errors: INVALID_ARGUMENT for inconsistent metadata, ALREADY_EXISTS for a live
         request_id, RESOURCE_EXHAUSTED when every worker's queue is full, UNAVAILABLE when no
         worker is registered or the scheduler drains. The gateway maps them to its client.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitBatch(self, request, context):
+        """SubmitBatch hands several requests over in one call, as Submit would one by one and in
+        order; each has its own result (a burst's requests cost the gateway and the scheduler one
+        call instead of one each).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +121,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=andes_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=andes_dot_v1_dot_scheduler__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=andes_dot_v1_dot_scheduler__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=andes_dot_v1_dot_scheduler__pb2.SubmitBatchResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -152,6 +171,33 @@ class SchedulerService:
             '/andes.v1.SchedulerService/Submit',
             andes_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             andes_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/andes.v1.SchedulerService/SubmitBatch',
+            andes_dot_v1_dot_scheduler__pb2.SubmitBatchRequest.SerializeToString,
+            andes_dot_v1_dot_scheduler__pb2.SubmitBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
