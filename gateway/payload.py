@@ -13,11 +13,13 @@ in the hash at ``andes.tokenstream.payload_key(request_id, prefix)``. Fields (al
 * ``arrival_unix_s`` - arrival at the gateway (``repr`` of a float, Unix seconds);
 * ``gateway_id`` - the gateway that accepted the request.
 
-Creation is atomic and exclusive (a Lua script): it fails if the request's payload or token
-stream already exists, which is how the gateway keeps live request ids unique across gateways
-(and why an id can be reused only once its finished keys expired). The hash expires after
-``PAYLOAD_TTL_S`` in any case, so a crashed gateway leaks nothing; once the response finished it
-expires together with the token stream (``andes.tokenstream.FINISHED_TTL_S``).
+Writes go through a :class:`~gateway.redis_batch.CommandBatch`: a burst's payloads and
+expiries travel in a few pipelines. Creation is atomic and exclusive (a Lua script): it fails
+if the request's payload or token stream already exists, which is how the gateway keeps live
+request ids unique across gateways (and why an id can be reused only once its finished keys
+expired). The hash expires after ``PAYLOAD_TTL_S`` in any case, so a crashed gateway leaks
+nothing; once the response finished it expires together with the token stream
+(``andes.tokenstream.FINISHED_TTL_S``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from andes.tokenstream import FINISHED_TTL_S, payload_key, stream_key
+from gateway.redis_batch import CommandBatch
 from gateway.validation import ValidRequest
 
 PAYLOAD_TTL_S = 3600
@@ -63,6 +67,7 @@ class PayloadStore:
         self.prefix = prefix
         self.gateway_id = gateway_id
         self._create = redis.register_script(_CREATE)
+        self._batch = CommandBatch(redis)
 
     def payload_key(self, request_id: str) -> str:
         return payload_key(request_id, self.prefix)
@@ -89,12 +94,17 @@ class PayloadStore:
         for name, value in fields.items():
             args += [name, value]
         keys = [self.payload_key(request.request_id), self.stream_key(request.request_id)]
-        created = await self._create(keys=keys, args=args)
+        sha = self._create.sha
+        try:
+            created = await self._batch.run(lambda pipe: pipe.evalsha(sha, 2, *keys, *args))
+        except NoScriptError:  # Redis restarted (or flushed its scripts) since the last load
+            created = await self._create(keys=keys, args=args)
         return bool(created)
 
     async def finished(self, request_id: str) -> None:
         """The response ended: keep the payload as long as the token stream stays readable."""
-        await self._redis.expire(self.payload_key(request_id), FINISHED_TTL_S)
+        key = self.payload_key(request_id)
+        await self._batch.run(lambda pipe: pipe.expire(key, FINISHED_TTL_S))
 
     async def delete(self, request_id: str) -> None:
         """Undo :meth:`create` (the scheduler refused the request), freeing the id."""

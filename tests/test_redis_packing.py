@@ -8,6 +8,7 @@ import os
 
 import pytest
 import redis.asyncio as aioredis
+from redis.driver_info import DriverInfo
 from redis.exceptions import DataError
 
 from andes.redis_packing import HiredisPackedConnection
@@ -53,3 +54,13 @@ def test_stream_commands_round_trip_through_redis(redis_url: str) -> None:
             await client.aclose()
 
     asyncio.run(run())
+
+
+def test_connections_name_the_client_library_as_redis_py_would() -> None:
+    """Without reading package metadata per connection (a pool opens hundreds in a burst)."""
+    default = aioredis.Connection().driver_info
+    ours = HiredisPackedConnection().driver_info
+    assert default is not None and ours is not None
+    assert (ours.name, ours.lib_version) == (default.name, default.lib_version)
+    mine = DriverInfo(name="mine", lib_version="1")
+    assert HiredisPackedConnection(driver_info=mine).driver_info is mine
