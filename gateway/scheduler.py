@@ -124,6 +124,11 @@ class SchedulerClient:
                 batch = self._submissions[:MAX_SUBMIT_BATCH]
                 del self._submissions[:MAX_SUBMIT_BATCH]
                 await self._send_batch(batch)
+        except BaseException:  # cancelled (the gateway stops): nobody will send the rest
+            for submission in self._submissions:
+                submission.result.cancel()
+            self._submissions.clear()
+            raise
         finally:
             self._sender = None
 
