@@ -57,9 +57,11 @@ lint: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/andes/v1/*.proto
 
-bench: $(STAMP)
+bench: $(STAMP) redis
 	$(PY) benchmarks/planner.py
 	$(PY) benchmarks/sim_speed.py
+	$(PY) benchmarks/admission.py
+	$(PY) -m benchmarks.delivery
 	$(PY) benchmarks/cluster_vs_sim.py
 
 # The real engine's benchmarks (CPU build on a CPU machine; about two hours in all, the last
