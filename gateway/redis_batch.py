@@ -72,8 +72,6 @@ class CommandBatch:
             if not isinstance(err, Exception):
                 raise
             return
-        finally:
-            await pipe.reset()  # type: ignore[no-untyped-call]
         for (_, result), reply in zip(batch, replies, strict=True):
             if result.done():
                 continue

@@ -142,6 +142,11 @@ class SchedulerClient:
             for submission in batch:
                 _settle(submission.result, error=failure)
             return
+        except Exception as err:  # not the call's status: a closed channel, say
+            failure = SchedulerError(grpc.StatusCode.INTERNAL, f"scheduler Submit failed: {err!r}")
+            for submission in batch:
+                _settle(submission.result, error=failure)
+            return
         except BaseException:
             for submission in batch:  # the gateway is stopping: nobody waits for them
                 submission.result.cancel()

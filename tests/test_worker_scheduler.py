@@ -328,9 +328,14 @@ def test_the_gateways_concurrent_submissions_travel_in_few_calls(redis_url: str)
             client = SchedulerClient(c.server.address)
             sample = _submission(c, "x")
 
-            async def submit(request_id: str, timeout_s: float = 5.0) -> str:
+            async def store(request_id: str) -> None:
                 await c.redis.hset(tokenstream.payload_key(request_id, c.prefix),
                                    mapping={"prompt": "p", "max_tokens": 8})
+
+            async def submit(request_id: str, timeout_s: float = 5.0, *,
+                             stored: bool = False) -> str:
+                if not stored:
+                    await store(request_id)
                 return await client.submit(
                     request_id=request_id, gateway_id="test", prompt_tokens=16, max_tokens=8,
                     qoe=sample.qoe, sampling=sample.sampling, arrival_unix_s=time.time(),
@@ -353,11 +358,18 @@ def test_the_gateways_concurrent_submissions_travel_in_few_calls(redis_url: str)
                 assert _batch_metric("sum") - sizes == 21 and batches < 21
                 for rid in ids:
                     assert_complete(rid, await c.read_stream(rid), 8)
-                # A caller that stops waiting gets DEADLINE_EXCEEDED; its batch goes on.
-                with pytest.raises(SchedulerError) as err:
-                    await submit("impatient", timeout_s=1e-6)
-                assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-                assert_complete("impatient", await c.read_stream("impatient"), 8)
+                # A caller that stops waiting gets DEADLINE_EXCEEDED; the batch it was in goes
+                # on (both submitted in one tick: one call, whose deadline is the patient one's).
+                await store("patient")
+                await store("impatient")
+                patient, impatient = await asyncio.gather(
+                    submit("patient", stored=True),
+                    submit("impatient", timeout_s=1e-6, stored=True), return_exceptions=True)
+                assert patient == "w0"
+                assert isinstance(impatient, SchedulerError)
+                assert impatient.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                for rid in ("patient", "impatient"):
+                    assert_complete(rid, await c.read_stream(rid), 8)
             finally:
                 await client.close()
 
