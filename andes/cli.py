@@ -283,6 +283,9 @@ def _add_up(commands: Subcommands) -> None:
     up.add_argument("--http-port", type=positive(int, zero_ok=True), default=8000,
                     help="the gateway's OpenAI-compatible HTTP API (0: off; default 8000)")
     up.add_argument("--kv-blocks", type=positive(int), help="KV blocks per worker")
+    up.add_argument("--pin-engines", action="store_true",
+                    help="vllm: give each worker's engine CPUs of its own and keep the services "
+                         "on the rest (one share for the services, one per engine)")
     up.set_defaults(handler=_up)
 
 
@@ -295,12 +298,16 @@ def _up(args: argparse.Namespace) -> int:
     if args.backend == "vllm" and args.model is None:
         print("andes up: error: --backend vllm needs --model DIR", file=sys.stderr)
         return 2
+    if args.pin_engines and args.backend != "vllm":
+        print("andes up: error: --pin-engines is for --backend vllm", file=sys.stderr)
+        return 2
     worker_args = ("--kv-blocks", str(args.kv_blocks)) if args.kv_blocks else ()
     config = ClusterConfig(backend=args.backend, workers=int(args.workers), policy=args.policy,
                            profile=args.profile, gateway_port=int(args.gateway_port),
                            scheduler_port=int(args.scheduler_port), worker_args=worker_args,
                            http_port=int(args.http_port) or None,
-                           model=str(args.model) if args.backend == "vllm" else None)
+                           model=str(args.model) if args.backend == "vllm" else None,
+                           pin_engines=bool(args.pin_engines))
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -311,7 +318,7 @@ def _up(args: argparse.Namespace) -> int:
             print("ready; Ctrl-C stops the cluster", flush=True)
             stop.wait()
             print("stopping ...", flush=True)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         print(f"andes up: error: {err}", file=sys.stderr)
         return 1
     return 0

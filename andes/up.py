@@ -93,6 +93,28 @@ class ClusterConfig:
     model: str | None = None
     """Model directory for the ``vllm`` backend; its tokenizer also counts prompt tokens at
     the gateway."""
+    pin_engines: bool = False
+    """Give each worker's engine CPUs of its own and keep every other process (the services,
+    a private Redis, the caller's) on the rest (:func:`engine_cpu_plan`; ``vllm`` only)."""
+
+
+def engine_cpu_plan(cpus: list[int], workers: int) -> tuple[list[int], list[list[int]]]:
+    """Split ``cpus`` into the services' share and one share per worker's engine: ``workers
+    + 1`` even groups, the services taking the first and the engines the remainder. ValueError
+    if there are not more CPUs than workers."""
+    if len(cpus) <= workers:
+        raise ValueError(f"pinning {workers} engines needs more than {workers} CPUs "
+                         f"(this process may use {len(cpus)})")
+    ordered = sorted(cpus)
+    services = ordered[:max(1, len(ordered) // (workers + 1))]
+    rest = ordered[len(services):]
+    share, extra = divmod(len(rest), workers)
+    engines, start = [], 0
+    for index in range(workers):
+        end = start + share + (1 if index < extra else 0)
+        engines.append(rest[start:end])
+        start = end
+    return services, engines
 
 
 @dataclass
@@ -113,6 +135,8 @@ class LocalCluster:
         self._services: list[_Service] = []
         self._redis: subprocess.Popen[bytes] | None = None
         self._redis_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._own_cpus: set[int] | None = None
+        """This process's CPUs before :attr:`ClusterConfig.pin_engines` narrowed them."""
 
     @property
     def gateway_addr(self) -> str:
@@ -142,8 +166,9 @@ class LocalCluster:
 
     def start(self) -> None:
         try:
-            self.redis_url = self._ensure_redis()
             cfg = self.config
+            engine_cpus = self._pin_services() if cfg.pin_engines else []
+            self.redis_url = self._ensure_redis()
             python = sys.executable
             self._spawn(
                 "scheduler",
@@ -157,7 +182,9 @@ class LocalCluster:
                     f"worker-{index}",
                     [python, "-m", "worker", "--backend", cfg.backend, "--profile", cfg.profile,
                      "--worker-id", f"w{index}", "--scheduler", self.scheduler_addr,
-                     "--redis", self.redis_url, *model_args, *cfg.worker_args],
+                     "--redis", self.redis_url, *model_args, *cfg.worker_args,
+                     *(("--engine-cpus", ",".join(map(str, engine_cpus[index])))
+                       if engine_cpus else ())],
                 )
                 for index in range(cfg.workers)
             ]
@@ -174,6 +201,17 @@ class LocalCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _pin_services(self) -> list[list[int]]:
+        """Narrow this process (and so what it starts) to the services' CPUs; the engines'
+        CPUs, one list per worker."""
+        if self.config.backend != "vllm":
+            raise ValueError("pinning engines is for the vllm backend")
+        own = os.sched_getaffinity(0)
+        services, engines = engine_cpu_plan(sorted(own), self.config.workers)
+        self._own_cpus = own
+        os.sched_setaffinity(0, services)
+        return engines
 
     def _ensure_redis(self) -> str:
         configured = self.config.redis_url or os.environ.get("ANDES_REDIS_URL")
@@ -261,6 +299,9 @@ class LocalCluster:
         if self._redis_dir is not None:
             self._redis_dir.cleanup()
             self._redis_dir = None
+        if self._own_cpus is not None:
+            os.sched_setaffinity(0, self._own_cpus)
+            self._own_cpus = None
 
     def _service(self, name: str) -> _Service:
         for service in self._services:

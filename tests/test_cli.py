@@ -221,3 +221,28 @@ def test_free_ports_are_free_distinct_and_out_of_the_ephemeral_range() -> None:
     assert all(LOWEST_PORT <= port < _ephemeral_low() for port in ports)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports[-1]))
+
+
+@pytest.mark.parametrize(("cpus", "workers", "services", "engines"), [
+    ([0, 1], 1, [0], [[1]]),
+    ([1, 0, 2], 2, [0], [[1], [2]]),
+    (list(range(16)), 2, [0, 1, 2, 3, 4], [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]),
+    ([4, 5, 6, 7], 1, [4, 5], [[6, 7]]),
+])
+def test_pinned_engines_get_cpus_of_their_own(
+        cpus: list[int], workers: int, services: list[int], engines: list[list[int]]) -> None:
+    from andes.up import engine_cpu_plan
+
+    assert engine_cpu_plan(cpus, workers) == (services, engines)
+
+
+def test_pinning_needs_more_cpus_than_engines() -> None:
+    from andes.up import engine_cpu_plan
+
+    with pytest.raises(ValueError, match="pinning 2 engines needs more than 2 CPUs"):
+        engine_cpu_plan([0, 1], 2)
+
+
+def test_pinning_engines_is_for_the_vllm_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["up", "--pin-engines"]) == 2
+    assert "--pin-engines is for --backend vllm" in capsys.readouterr().err
