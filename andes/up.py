@@ -61,6 +61,15 @@ def _ephemeral_low() -> int:
         return 32_768
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
     """Whether a Redis server answers PING at ``url`` (plain socket: no client needed)."""
     parsed = urlparse(url)

@@ -26,20 +26,11 @@ from typing import Any
 import grpc
 import uvloop
 
-from andes.up import ClusterConfig, LocalCluster, free_port
+from andes.up import ClusterConfig, LocalCluster, cpu_seconds, free_port
 from andes.v1 import generation_pb2, generation_pb2_grpc
 
 RESULTS = Path(__file__).resolve().parent / "results" / "admission.json"
 CHANNELS = 8
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its threads so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def burst(target: str, requests: int, run_id: str) -> tuple[float, list[float]]:

@@ -43,7 +43,7 @@ from typing import Any
 
 import grpc
 
-from andes.up import ClusterConfig, LocalCluster, free_port
+from andes.up import ClusterConfig, LocalCluster, cpu_seconds, free_port
 from andes.v1 import generation_pb2, generation_pb2_grpc
 from worker.engine_process import parse_cpus
 
@@ -140,15 +140,6 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its threads so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _redis_pid() -> int:
     found = subprocess.run(["pgrep", "-o", "redis-server"], capture_output=True, text=True)
     return int(found.stdout.split()[0]) if found.stdout.strip() else 0
@@ -166,11 +157,11 @@ def run_system(args: argparse.Namespace) -> dict[str, Any]:
         pids = {name: pid for name, pid in cluster.pids().items() if name != "redis"}
         pids["redis"] = cluster.pids().get("redis", _redis_pid())
         pids["client (this benchmark)"] = os.getpid()
-        cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         before = _scrape(metrics_port)
         result = asyncio.run(_drive(cluster.gateway_addr, args))
         after = _scrape(metrics_port)
-        cpu = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     result["cpu_seconds_by_process"] = cpu
     engine_s = after["andes_step_seconds_sum"] - before.get("andes_step_seconds_sum", 0.0)
     steps = after["andes_step_seconds_count"] - before.get("andes_step_seconds_count", 0.0)

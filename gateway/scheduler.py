@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from andes.tls import ChannelCredentials, aio_channel
 from andes.v1 import generation_pb2, scheduler_pb2, scheduler_pb2_grpc
+from gateway.batching import InFlightBatches
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,6 @@ MAX_SUBMIT_BATCH = 512
 """Requests per SubmitBatch call at most (a call of 512 is about 100 KB)."""
 
 
-@dataclass
-class _Submission:
-    message: scheduler_pb2.SubmitRequest
-    timeout_s: float
-    result: asyncio.Future[str]
-
-
 class SchedulerClient:
     """Submit / Abort / ReportDelivery on ``target`` (host:port), over TLS when given
     ``credentials``."""
@@ -72,9 +65,8 @@ class SchedulerClient:
         self.target = target
         self._channel = aio_channel(target, credentials)
         self._stub: Any = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._submissions: list[_Submission] = []
-        """Waiting for the SubmitBatch call under way to return."""
-        self._sender: asyncio.Task[None] | None = None
+        self._submissions: InFlightBatches[tuple[scheduler_pb2.SubmitRequest, float]] = (
+            InFlightBatches(self._submit_batch, MAX_SUBMIT_BATCH))
 
     async def submit(
         self,
@@ -103,68 +95,34 @@ class SchedulerClient:
             payload_key=payload_key,
             token_stream_key=token_stream_key,
         )
-        submission = _Submission(message, timeout_s, asyncio.get_running_loop().create_future())
-        # Its answer may come after its caller stopped waiting: nobody else would read it.
-        submission.result.add_done_callback(_retrieved)
-        self._submissions.append(submission)
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_submissions())
+        result = self._submissions.enqueue((message, timeout_s))
         try:
             # Shielded: a caller that leaves (its client went away) leaves the batch alone.
-            return await asyncio.wait_for(asyncio.shield(submission.result), timeout_s)
+            worker_id: str = await asyncio.wait_for(asyncio.shield(result), timeout_s)
         except TimeoutError:
             raise SchedulerError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"scheduler Submit failed: no answer within {timeout_s:g} s"
                                  ) from None
+        return worker_id
 
-    async def _send_submissions(self) -> None:
-        """Send what waits, a batch at a time, until nothing does."""
-        try:
-            while self._submissions:
-                batch = self._submissions[:MAX_SUBMIT_BATCH]
-                del self._submissions[:MAX_SUBMIT_BATCH]
-                await self._send_batch(batch)
-        except BaseException:  # cancelled (the gateway stops): nobody will send the rest
-            for submission in self._submissions:
-                submission.result.cancel()
-            self._submissions.clear()
-            raise
-        finally:
-            self._sender = None
-
-    async def _send_batch(self, batch: list[_Submission]) -> None:
-        request = scheduler_pb2.SubmitBatchRequest(requests=[s.message for s in batch])
+    async def _submit_batch(
+        self, batch: list[tuple[scheduler_pb2.SubmitRequest, float]]
+    ) -> list[str | SchedulerError]:
+        """One SubmitBatch call: each request's worker or the error its caller gets."""
+        request = scheduler_pb2.SubmitBatchRequest(requests=[message for message, _ in batch])
         try:
             response: scheduler_pb2.SubmitBatchResponse = await self._stub.SubmitBatch(
-                request, timeout=max(s.timeout_s for s in batch))
+                request, timeout=max(timeout_s for _, timeout_s in batch))
         except grpc.aio.AioRpcError as err:
-            failure = _client_error(err, "Submit")
-            for submission in batch:
-                _settle(submission.result, error=failure)
-            return
+            return [_client_error(err, "Submit")] * len(batch)
         except Exception as err:  # not the call's status: a closed channel, say
-            failure = SchedulerError(grpc.StatusCode.INTERNAL, f"scheduler Submit failed: {err!r}")
-            for submission in batch:
-                _settle(submission.result, error=failure)
-            return
-        except BaseException:
-            for submission in batch:  # the gateway is stopping: nobody waits for them
-                submission.result.cancel()
-            raise
+            return [SchedulerError(grpc.StatusCode.INTERNAL,
+                                   f"scheduler Submit failed: {err!r}")] * len(batch)
         if len(response.results) != len(batch):
-            failure = SchedulerError(grpc.StatusCode.INTERNAL, "scheduler Submit failed: "
-                                     f"{len(response.results)} results for {len(batch)} requests")
-            for submission in batch:
-                _settle(submission.result, error=failure)
-            return
-        for submission, result in zip(batch, response.results, strict=True):
-            if result.code:
-                code = STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN)
-                _settle(submission.result, error=SchedulerError(
-                    code if code in PASSED_THROUGH else grpc.StatusCode.INTERNAL,
-                    f"scheduler Submit failed: {result.message or code.name}"))
-            else:
-                _settle(submission.result, worker_id=result.worker_id)
+            return [SchedulerError(grpc.StatusCode.INTERNAL, "scheduler Submit failed: "
+                                   f"{len(response.results)} results for {len(batch)} requests"
+                                   )] * len(batch)
+        return [_submit_result(result) for result in response.results]
 
     async def abort(self, request_id: str, reason: str) -> bool:
         """Stop the request on its worker; True if the scheduler knew it. Idempotent, so a
@@ -186,17 +144,9 @@ class SchedulerClient:
         await self._channel.close()
 
 
-def _retrieved(result: asyncio.Future[str]) -> None:
-    if not result.cancelled():
-        result.exception()
-
-
-def _settle(result: asyncio.Future[str], *, worker_id: str = "",
-            error: SchedulerError | None = None) -> None:
-    """Answer a submission whose caller may have stopped waiting (its future is then done)."""
-    if result.done():
-        return
-    if error is not None:
-        result.set_exception(error)
-    else:
-        result.set_result(worker_id)
+def _submit_result(result: scheduler_pb2.SubmitResult) -> str | SchedulerError:
+    if not result.code:
+        return result.worker_id
+    code = STATUS_BY_NUMBER.get(result.code, grpc.StatusCode.UNKNOWN)
+    return SchedulerError(code if code in PASSED_THROUGH else grpc.StatusCode.INTERNAL,
+                          f"scheduler Submit failed: {result.message or code.name}")
