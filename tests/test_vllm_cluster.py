@@ -100,15 +100,16 @@ def test_real_tokens_stream_through_the_cluster(cluster: LocalCluster,
 
 def test_burst_under_kv_pressure_loses_nothing(cluster: LocalCluster,
                                                vllm_backend: object) -> None:
-    """20 requests of 60 tokens need 3 blocks each at the end; the worker has 12: most wait,
-    requests are preempted and resumed (by the planner, or by the engine when KV runs out
-    first: which of the two depends on timing), every engine preemption reaches the
-    scheduler, and every response is still the greedy one. (That plans' preemptions and
-    resumes are executed as planned: tests/test_vllm_backend.py.)"""
+    """8 requests of 200 tokens need 7 blocks each at the end; the worker has 12, so no two
+    of them fit at their ends: whenever two run together, one is preempted and resumed (by
+    the planner, or by the engine when KV runs out first: which of the two depends on
+    timing). Every engine preemption reaches the scheduler, and every response is still the
+    greedy one. (That plans' preemptions and resumes are executed as planned:
+    tests/test_vllm_backend.py.)"""
     prompts = [f"Request number {i}: tell me a story about {w}"
-               for i, w in enumerate(["cats", "ships", "rain", "bread", "maps"] * 4)]
-    reference = greedy(vllm_backend, prompts, 60, ignore_eos=True)
-    streams = asyncio.run(_generate(cluster.gateway_addr, prompts, 60, run="burst",
+               for i, w in enumerate(["cats", "ships", "rain", "bread"] * 2)]
+    reference = greedy(vllm_backend, prompts, 200, ignore_eos=True)
+    streams = asyncio.run(_generate(cluster.gateway_addr, prompts, 200, run="burst",
                                     ignore_eos=True))
     for messages, expected in zip(streams, reference, strict=True):
         assert _tokens(messages) == expected
