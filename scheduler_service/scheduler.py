@@ -5,7 +5,9 @@ locks. Each worker session owns an outbox (what the gRPC handler writes to the w
 planner task with the plan cadence:
 
 * after an event on the worker (submission, finish, forced preemption, delivery report) a
-  plan follows at once, but no sooner than ``plan_interval_s`` after the previous one;
+  plan follows at once, but no sooner than ``plan_interval_s`` after the previous one (unless
+  the event is an arrival at a worker with room for all its requests, where there is nothing
+  to arbitrate: :func:`~andes.policies.room_for_everyone`);
 * without events, a plan at least every ``replan_after_s`` (QoE predictions drift with time);
 * while the worker has not yet applied the plan last sent (its step reports echo the
   version), no new plan: it would be computed from a view that does not reflect the previous
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from andes.policies import Policy
+from andes.policies import Policy, room_for_everyone
 from andes.v1 import generation_pb2, scheduler_pb2
 from scheduler_service import metrics
 from scheduler_service.convert import plan_to_proto, profile_from_proto
@@ -72,6 +74,9 @@ class WorkerSessionHandle:
     outbox: asyncio.Queue[Outgoing | None] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     dirty: bool = True
+    arrival_fits: bool = False
+    """A request arrived while the worker had room for all of its requests: the next plan
+    need not wait for ``plan_interval_s``."""
     synced: bool = False
     """Whether the session's first step report arrived (the plan version is known)."""
     missing: list[str] = field(default_factory=list)
@@ -245,7 +250,7 @@ class Scheduler:
             raise RejectedError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
         entry = self.table.add(meta, worker_id)
         self.sessions[worker_id].assign(assignment_for(entry))
-        self._mark_dirty(worker_id)
+        self._arrived(worker_id)
         return worker_id
 
     def abort(self, request_id: str) -> bool:
@@ -438,7 +443,7 @@ class Scheduler:
             return  # stays an orphan until a worker can take it
         self.table.move(entry, worker_id)
         self.sessions[worker_id].assign(assignment_for(entry, moved=True))
-        self._mark_dirty(worker_id)
+        self._arrived(worker_id)
         log.info("request %s moved to worker %s at token %d", entry.request_id, worker_id,
                  entry.resume_from_tokens)
 
@@ -450,6 +455,13 @@ class Scheduler:
             handle.dirty = True
             handle.wake.set()
 
+    def _arrived(self, worker_id: str) -> None:
+        """A request was placed on ``worker_id``: plan soon, at once where it has room."""
+        view = self.table.workers[worker_id]
+        self.sessions[worker_id].arrival_fits = room_for_everyone(
+            len(view.requests), view.kv_demand, view.max_batch, view.kv_blocks_total)
+        self._mark_dirty(worker_id)
+
     def _next_plan_at(self, handle: WorkerSessionHandle, now: float) -> float:
         view = self.table.workers[handle.worker_id]
         if not handle.synced:
@@ -458,7 +470,7 @@ class Scheduler:
         if awaiting_ack and now - handle.last_sent_s < self.replan_after_s:
             return handle.last_sent_s + self.replan_after_s  # or when the ack arrives
         if handle.dirty:
-            return handle.last_plan_s + self.plan_interval_s
+            return now if handle.arrival_fits else handle.last_plan_s + self.plan_interval_s
         return handle.last_plan_s + self.replan_after_s
 
     async def _plan_loop(self, handle: WorkerSessionHandle) -> None:
@@ -471,7 +483,7 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(handle.wake.wait(), timeout)
                 continue
-            handle.dirty = False
+            handle.dirty = handle.arrival_fits = False
             self._plan_once(handle, now)
 
     def _plan_once(self, handle: WorkerSessionHandle, now: float) -> None:

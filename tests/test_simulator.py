@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -172,10 +173,12 @@ class HoldingBack:
 
 
 def test_a_plan_that_holds_starts_back_is_followed_by_another() -> None:
-    # Ten requests at once: planned one at a time, they all start within ten plan intervals
-    # when the plan says it held some back, and wait for events (finishes) when it does not.
-    workload = make_workload("sharegpt", "uniform:1,4", "poisson", 1000.0, num_requests=10,
-                             seed=3)
+    # Ten requests at the same instant: planned one at a time, they all start within ten plan
+    # intervals when the plan says it held some back, and wait for events (finishes) when it
+    # does not.
+    spread = make_workload("sharegpt", "uniform:1,4", "poisson", 1000.0, num_requests=10,
+                           seed=3)
+    workload = replace(spread, arrival_s=np.full(10, spread.arrival_s[0]))
     eager, silent = HoldingBack(say_so=True), HoldingBack(say_so=False)
     for policy in (eager, silent):
         result = simulate(workload, policy, CONFIG)
@@ -185,6 +188,39 @@ def test_a_plan_that_holds_starts_back_is_followed_by_another() -> None:
     assert np.all(spacing >= CONFIG.plan_interval_s - 1e-12)
     assert eager.plan_times[9] - first < 10 * 0.1
     assert silent.plan_times[9] - first > 1.0
+
+
+class Recording:
+    """FCFS that records when it plans and how many it admits each time."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.plans: list[tuple[float, int]] = []
+
+    def plan(self, snapshot: Snapshot) -> Plan:
+        plan = make_policy("fcfs").plan(snapshot)
+        self.plans.append((snapshot.now_s, len(plan.admit)))
+        return plan
+
+
+def test_arrivals_at_a_worker_with_room_are_planned_at_once() -> None:
+    # Ten requests 1 ms apart onto an idle worker. The first is planned at its arrival; the
+    # other nine arrive during its first iteration (about 20 ms) and, with room for all of
+    # them, are planned at its end, before the cadence (50 ms) would allow. With room for one
+    # (max_batch 1) they wait for the cadence.
+    spread = make_workload("sharegpt", "uniform:1,4", "poisson", 1000.0, num_requests=10,
+                           seed=3)
+    workload = replace(spread, arrival_s=spread.arrival_s[0] + 0.001 * np.arange(10))
+    interval = CONFIG.plan_interval_s
+    roomy, cramped = Recording(), Recording()
+    for policy, max_batch in ((roomy, 64), (cramped, 1)):
+        config = SimConfig(profile=replace(PROFILE, max_batch=max_batch))
+        assert_everything_finished_once(simulate(workload, policy, config), workload, config)
+    (first_at, first_admits), (second_at, second_admits) = roomy.plans[:2]
+    assert (first_admits, second_admits) == (1, 9)
+    assert second_at - first_at < interval
+    assert np.all(np.diff([at for at, _ in cramped.plans]) >= interval - 1e-12)
 
 
 # -- summary figures ---------------------------------------------------------------------------

@@ -505,6 +505,23 @@ def test_andes_plans_a_tiny_kv_budget(redis_url: str) -> None:
     run(scenario())
 
 
+def test_an_arrival_at_a_worker_with_room_is_planned_at_once(redis_url: str) -> None:
+    """The plan cadence (an hour here) holds back re-planning, not arrivals a worker has room
+    for: the second request is admitted while the first runs."""
+    async def scenario() -> None:
+        async with cluster(redis_url, "fcfs", plan_interval_s=3600.0,
+                           replan_after_s=3600.0) as c:
+            worker = await c.start_worker("w0")
+            await c.submit("first", max_tokens=400)
+            await c.read_stream("first", until=lambda chunks: len(chunks) >= 1)
+            await c.submit("second", max_tokens=8)
+            assert_complete("second", await c.read_stream("second"), 8)
+            assert len(worker.engine.applied) == 2  # type: ignore[attr-defined]
+            await c.stub.Abort(scheduler_pb2.AbortRequest(request_id="first"), timeout=5)
+
+    run(scenario())
+
+
 def test_dead_workers_requests_resume_elsewhere(redis_url: str) -> None:
     async def scenario() -> None:
         async with cluster(redis_url, "fcfs", reassign_grace_s=0.3) as c:

@@ -7,7 +7,15 @@ run the very same objects.
 from __future__ import annotations
 
 from andes.policies.andes import AndesPolicy
-from andes.policies.base import Plan, Policy, PreemptionMode, RequestTable, Snapshot, State
+from andes.policies.base import (
+    Plan,
+    Policy,
+    PreemptionMode,
+    RequestTable,
+    Snapshot,
+    State,
+    room_for_everyone,
+)
 from andes.policies.fcfs import FcfsPolicy
 from andes.policies.lqf import least_qoe_first
 from andes.policies.rr import RoundRobinPolicy
@@ -27,6 +35,7 @@ __all__ = [
     "State",
     "least_qoe_first",
     "make_policy",
+    "room_for_everyone",
 ]
 
 

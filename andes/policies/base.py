@@ -139,3 +139,15 @@ class Policy(Protocol):
 def blocks_for(tokens: IntArray | int, block_size: int) -> IntArray:
     """KV blocks that ``tokens`` context tokens (plus the next one) occupy."""
     return np.asarray((np.asarray(tokens) + block_size) // block_size, dtype=np.int64)
+
+
+def room_for_everyone(requests: int, kv_demand: int, max_batch: int, kv_blocks_total: int) -> bool:
+    """Whether a worker's requests all fit in one batch and in its KV as they are now.
+
+    Then a plan has nothing to arbitrate (every policy runs them all), so an arrival need not
+    wait for the plan cadence: the cadence bounds how often contended workers are re-planned,
+    and holding an arrival back from idle capacity only adds to its time to first token (the
+    ramp of a burst onto an idle worker ran part-empty batches for up to ``plan_interval_s``
+    per wave of arrivals). ``kv_demand``: the blocks the requests' contexts occupy now
+    (:func:`blocks_for`)."""
+    return requests <= max_batch and kv_demand <= kv_blocks_total

@@ -221,6 +221,11 @@ class SimEngine:
             max_batch=self.max_batch,
         )
 
+    def kv_demand(self) -> int:
+        """KV blocks the requests' contexts occupy now, held or not (placement's measure)."""
+        context = self._col("prompt_tokens") + self._col("generated_tokens")
+        return int(blocks_for(context, self.profile.block_size).sum())
+
     def has_work(self) -> bool:
         """Whether a step would do anything (something runs or could start)."""
         state = self._col("state")

@@ -4,7 +4,8 @@ Each worker is a :class:`~andes.sim.engine.SimEngine` with its own clock. Reques
 a :class:`~andes.workload.Workload`, are placed on the least-loaded worker (KV demand), and
 each worker is planned by the same policy object the scheduler service runs, at the same
 cadence: after an event (arrival, finish, forced preemption, or a plan that held starts back
-for the next one), no more often than ``plan_interval_s``, and at least every
+for the next one), no more often than ``plan_interval_s`` (except for an arrival at a worker
+with room for all its requests: :func:`~andes.policies.room_for_everyone`), and at least every
 ``replan_after_s``. (The scheduler service also replans after every delivery report, i.e.
 about every ``plan_interval_s`` under load.) Tokens reach the client at the end
 of the iteration that produced them; the client pacer and QoE are :mod:`andes.qoe`'s.
@@ -20,7 +21,7 @@ import numpy as np
 
 from andes.latency import LatencyProfile
 from andes.metrics import RequestOutcomes, summarize
-from andes.policies import FcfsPolicy, Policy
+from andes.policies import FcfsPolicy, Policy, room_for_everyone
 from andes.sim.engine import FinishedRequest, SimEngine
 from andes.workload import Workload
 
@@ -88,6 +89,8 @@ class _Worker:
         self.clock = 0.0
         self.last_plan = -math.inf
         self.dirty = False
+        self.arrival_fits = False
+        """An arrival found room for everyone: plan before the next step, cadence or not."""
         self.prompt_tokens = 0
         """Prompt tokens of unfinished requests: with their count, the placement load."""
 
@@ -132,11 +135,14 @@ def simulate(workload: Workload, policy: Policy, config: SimConfig) -> SimResult
             placed_on[i] = target
             target.clock = max(target.clock, arrival_at)
             target.dirty = True
+            engine = target.engine  # (KV demand is summed only where the batch has room)
+            target.arrival_fits = len(engine) <= engine.max_batch and room_for_everyone(
+                len(engine), engine.kv_demand(), engine.max_batch, engine.kv_blocks_total)
             next_arrival += 1
             continue
 
         since_plan = worker.clock - worker.last_plan
-        if (worker.dirty and since_plan >= config.plan_interval_s) or (
+        if (worker.dirty and (since_plan >= config.plan_interval_s or worker.arrival_fits)) or (
             since_plan >= config.replan_after_s
         ):
             t0 = time.perf_counter()
@@ -146,6 +152,7 @@ def simulate(workload: Workload, policy: Policy, config: SimConfig) -> SimResult
             plans += 1
             solver_runs += int(plan.solver_ran)
             worker.last_plan = worker.clock
+            worker.arrival_fits = False
             # A plan that held work back (paced admissions) asks for the next one.
             worker.dirty = bool(plan.notes.get("deferred", 0.0))
         if not worker.engine.has_work():
