@@ -36,6 +36,7 @@ from andes.policies.base import (
     Snapshot,
     State,
     blocks_for,
+    room_for_everyone,
 )
 from andes.qoe import qoe_from_state
 
@@ -221,10 +222,14 @@ class SimEngine:
             max_batch=self.max_batch,
         )
 
-    def kv_demand(self) -> int:
-        """KV blocks the requests' contexts occupy now, held or not (placement's measure)."""
+    def has_room_for_everyone(self) -> bool:
+        """:func:`~andes.policies.base.room_for_everyone` for this worker's requests, held or
+        not (their KV demand is summed only where the batch has room for them)."""
+        if len(self) > self.max_batch:
+            return False
         context = self._col("prompt_tokens") + self._col("generated_tokens")
-        return int(blocks_for(context, self.profile.block_size).sum())
+        demand = int(blocks_for(context, self.profile.block_size).sum())
+        return room_for_everyone(len(self), demand, self.max_batch, self.kv_blocks_total)
 
     def has_work(self) -> bool:
         """Whether a step would do anything (something runs or could start)."""

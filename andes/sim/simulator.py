@@ -21,7 +21,7 @@ import numpy as np
 
 from andes.latency import LatencyProfile
 from andes.metrics import RequestOutcomes, summarize
-from andes.policies import FcfsPolicy, Policy, room_for_everyone
+from andes.policies import FcfsPolicy, Policy
 from andes.sim.engine import FinishedRequest, SimEngine
 from andes.workload import Workload
 
@@ -135,9 +135,7 @@ def simulate(workload: Workload, policy: Policy, config: SimConfig) -> SimResult
             placed_on[i] = target
             target.clock = max(target.clock, arrival_at)
             target.dirty = True
-            engine = target.engine  # (KV demand is summed only where the batch has room)
-            target.arrival_fits = len(engine) <= engine.max_batch and room_for_everyone(
-                len(engine), engine.kv_demand(), engine.max_batch, engine.kv_blocks_total)
+            target.arrival_fits = target.engine.has_room_for_everyone()
             next_arrival += 1
             continue
 
