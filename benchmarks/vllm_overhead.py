@@ -15,8 +15,11 @@ plain engine has its CPU to itself.
 Output tokens/s of each and their ratio (goal >= 0.9): each repeat runs a plain and a system
 half back to back (the order swapped every repeat), and the figure is the median of the
 repeats' ratios; the ratio of the two halves' medians is reported beside it. Where the
-difference goes: the worker's engine time (sum of step durations from its Prometheus metrics)
-against the run's wall time, i.e. how much time the worker spends outside ``engine.step()``.
+difference goes: each pair's ratio is the product of three factors (:func:`ratio_factors`):
+how much fuller the plain loop's batches were (its steps over the system's, for the same
+tokens), how much faster its steps were, and the share of the system's time its engine was
+stepping (the worker's step durations from its Prometheus metrics against the run's wall
+time).
 
 Two models by default (``andes model tiny --shape``): ``tiny``, whose steps are a few
 milliseconds of framework overhead (every service's per-token CPU competes with it on a small
@@ -203,6 +206,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               f"({'plain' if plain_first else 'system'} first)", flush=True)
     pair_ratios = [s["tok_per_s"] / p["tok_per_s"]
                    for p, s in zip(plain_runs, system_runs, strict=True)]
+    factors = [ratio_factors(p, s) for p, s in zip(plain_runs, system_runs, strict=True)]
     plain = statistics.median(r["tok_per_s"] for r in plain_runs)
     system = statistics.median(r["tok_per_s"] for r in system_runs)
     return {
@@ -215,8 +219,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "system_mean_step_s_median": statistics.median(r["mean_step_s"] for r in system_runs),
         "outside_engine_fraction_median": statistics.median(
             r["outside_engine_fraction"] for r in system_runs),
+        "ratio_factors_per_repeat": factors,
+        "ratio_factors_median": {name: statistics.median(f[name] for f in factors)
+                                 for name in factors[0]},
         "plain_runs": plain_runs,
         "system_runs": system_runs,
+    }
+
+
+def ratio_factors(plain: dict[str, Any], system: dict[str, Any]) -> dict[str, float]:
+    """A pair's ratio as the product of where it goes (exactly: the plain loop is busy
+    stepping all its time, and the system's time is its engine's divided by its busy share):
+
+    * ``batch_fill``: plain steps / system steps, the same tokens in more steps when the
+      batch fills later (arrivals through the services) and drains as staggered;
+    * ``step_speed``: plain mean step / system mean step, steps slowed by what runs beside
+      them;
+    * ``engine_busy``: the share of the system's time its engine was stepping."""
+    return {
+        "batch_fill": plain["steps"] / system["steps"],
+        "step_speed": plain["mean_step_s"] / system["mean_step_s"],
+        "engine_busy": 1 - system["outside_engine_fraction"],
     }
 
 
@@ -292,7 +315,10 @@ def main() -> None:
               f"steps {result['plain_mean_step_s_median'] * 1e3:.1f} ms alone, "
               f"{result['system_mean_step_s_median'] * 1e3:.1f} ms in the system; "
               f"worker time outside engine.step(): "
-              f"{result['outside_engine_fraction_median']:.1%}; CPU seconds in one run: "
+              f"{result['outside_engine_fraction_median']:.1%}; ratio = "
+              + " x ".join(f"{name} {value:.3f}"
+                           for name, value in result["ratio_factors_median"].items())
+              + " (medians); CPU seconds in one run: "
               + ", ".join(f"{n} {sec:.1f}" for n, sec in sorted(cpu.items(), key=lambda x: -x[1])))
 
 
