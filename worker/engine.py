@@ -54,12 +54,20 @@ class PlanSpec:
     preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
 
 
-@dataclass(frozen=True)
-class TokenRun:
-    """Consecutive new tokens of one request from one iteration."""
+class TokenRun(NamedTuple):
+    """Consecutive new tokens of one request from one iteration.
+
+    A named tuple, not a dataclass, for the same reason as :class:`Progress`: a vllm
+    worker's engine process builds one per running request every step and pickles them all
+    to its worker, which unpickles them. For a step of 64 requests, building and pickling
+    them took 83 + 88 us in the engine's process and unpickling 63 us in the worker's as
+    frozen dataclasses; 21 + 49 and 22 us as named tuples (timeit, the 2-core machine), next
+    to steps of 6-9 ms with the tiny model."""
 
     request_id: str
-    index: int
+    # The wire's name for it (GenerateResponse.index, TokenChunk.index); it hides the tuple
+    # method ``index``, which nothing calls on a run.
+    index: int  # type: ignore[assignment]
     """Position of the first token in the response."""
     token_ids: tuple[int, ...]
     text: str
