@@ -81,6 +81,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, dtype="float32", enforce_eager=True, max_model_len=512,
         max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
         num_gpu_blocks_override=args.kv_blocks + 1, async_scheduling=False, seed=0,
+        disable_log_stats=True,  # as vLLM's offline `LLM` and the system's worker
     ))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     started = time.perf_counter()

@@ -107,6 +107,9 @@ class VllmBackend:
             "scheduler_cls": PlanScheduler,
             "async_scheduling": False,
             "enable_prefix_caching": True,
+            # vLLM's own throughput statistics (built every step, logged every few seconds):
+            # the worker reports its own metrics, and vLLM's offline `LLM` turns them off too.
+            "disable_log_stats": True,
         }
         if config.num_gpu_blocks is not None:
             engine_args["num_gpu_blocks_override"] = config.num_gpu_blocks + 1  # + null block
