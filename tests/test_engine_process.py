@@ -15,10 +15,12 @@ import pytest
 
 from andes.policies.base import State
 from andes.v1 import generation_pb2
-from worker.engine import Engine, Finished, PlanSpec, RequestSpec
+from worker.engine import Engine, Finished, PlanSpec, RequestSpec, TokenRun
 from worker.engine_process import (
     EngineDiedError,
     EngineProcess,
+    _columns,
+    _runs,
     autogroup_nice,
     avoid_cpus,
     parse_cpus,
@@ -112,6 +114,14 @@ def test_the_child_runs_ahead_and_its_progress_matches_the_engine(
         assert engine.progress() == local.progress()
         steps += 1
     assert steps == 9 and not local.has_work() and engine.progress() == []
+
+
+def test_token_runs_cross_the_pipe_as_columns_and_come_back_as_they_were() -> None:
+    runs = [TokenRun("a", 0, (1, 2), "hi"), TokenRun("b", 5, (7,), "\u00e9"),
+            TokenRun("c", 9, (), "")]
+    back = _runs(_columns(runs))
+    assert back == runs and all(type(run) is TokenRun for run in back)
+    assert _runs(_columns([])) == []
 
 
 def test_a_cancel_takes_the_request_out_of_the_step_computed_ahead(

@@ -115,8 +115,9 @@ class StepOutcome:
     process can be asked just as a plan left it without work)."""
     held_changed: bool = True
     """Whether the iteration may have changed a held request's state or KV blocks (beyond
-    its count of tokens, which ``tokens`` tell): an engine that knows it did not (a batch
-    that only decoded) spares its process the listing of every held request."""
+    its count of tokens, which ``tokens`` tell, and requests leaving, which ``finished``
+    tells): an engine that knows it did not (a batch that only decoded, some requests
+    finishing) spares its process the listing of every held request."""
 
 
 class Engine(Protocol):

@@ -252,7 +252,9 @@ class VllmBackend:
                     completion.finish_reason or "", generation_pb2.FINISH_REASON_ERROR
                 )
                 outcome.finished.append(Finished(rid, reason, self._forget(rid)))
-        outcome.held_changed = record.moved or bool(outcome.finished)
+        # A request that finished is not held any more (its end is in ``finished``): the
+        # held ones changed only where the step moved some between queues.
+        outcome.held_changed = record.moved
         return outcome
 
     def _forget(self, request_id: str) -> int:
