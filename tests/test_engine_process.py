@@ -383,10 +383,11 @@ def test_a_vllm_engines_held_requests_as_the_proxy_follows_them(
         tiny_model: str, vllm_backend: object) -> None:
     """A vLLM engine in its process sends a request's progress only when its state or KV
     blocks change, and lists nothing after a step that only decoded: step by step, through
-    admissions, new blocks, engine preemptions and resumes, the proxy's view (counts of
-    tokens taken from the tokens) is what the same engine in-process lists afresh."""
+    admissions, new blocks, engine preemptions and resumes, requests queued for a batch
+    slot, the proxy's view (counts of tokens taken from the tokens) is what the same engine
+    in-process lists afresh (no entry kept, nothing taken from the last listing)."""
     from tests.conftest import VLLM_BLOCK_SIZE, VLLM_KV_BLOCKS
-    from tests.vllm_support import PROMPTS, plan, spec
+    from tests.vllm_support import PROMPTS, fresh_progress, plan, spec
     from worker.vllm_backend import VllmConfig
 
     config = WorkerConfig(
@@ -398,9 +399,10 @@ def test_a_vllm_engines_held_requests_as_the_proxy_follows_them(
     process = EngineProcess(build_engine, config)
     local: Any = vllm_backend
     try:
-        # 6 x (prompt + 70 tokens) is more KV than the 12 blocks of 32: the engine preempts.
+        # 12 x (prompt + 70 tokens) is more KV than the 12 blocks of 32: the engine preempts;
+        # and 4 of them queue for a batch slot of the 8, joining as others end.
         specs = [spec(PROMPTS[i % len(PROMPTS)], 70, ignore_eos=True, request_id=f"r{i}")
-                 for i in range(6)]
+                 for i in range(12)]
         first = plan(admit=tuple(s.request_id for s in specs))
         for engine in (process, local):
             engine.add(specs)
@@ -412,7 +414,7 @@ def test_a_vllm_engines_held_requests_as_the_proxy_follows_them(
                 time.sleep(0.05)  # the child computes its next step meanwhile
                 assert outcome.tokens == expected.tokens
                 assert outcome.finished == expected.finished
-                assert sorted(process.progress()) == sorted(local.progress())
+                assert sorted(process.progress()) == sorted(fresh_progress(local))
                 steps += 1
                 quiet += not expected.held_changed
                 forced += len(expected.forced_preemptions)

@@ -9,7 +9,7 @@ from typing import Any
 
 from andes.policies.base import State
 from andes.v1 import generation_pb2
-from worker.engine import PlanSpec, RequestSpec, StepOutcome
+from worker.engine import PlanSpec, Progress, RequestSpec, StepOutcome
 
 _ids = itertools.count()
 _versions = itertools.count(1)
@@ -82,15 +82,18 @@ class Run:
 
     def states(self) -> dict[str, State]:
         listed = self.backend.progress()  # type: ignore[attr-defined]
-        # The entries of requests without KV are kept between calls until they make tokens:
-        # listed afresh, every request must be where the kept listing says.
-        backend: Any = self.backend
-        kept = backend._waiting_entries
-        backend._waiting_entries = {state: {} for state in kept}
-        fresh = backend.progress()
-        backend._waiting_entries = kept
-        assert fresh == listed
+        assert listed == fresh_progress(self.backend)
         return {p.request_id: p.state for p in listed}
+
+
+def fresh_progress(backend: Any) -> list[Progress]:
+    """A vllm backend's held requests listed afresh: the entries of requests without KV are
+    kept between calls until they make tokens; every request must be where they say."""
+    kept = backend._waiting_entries
+    backend._waiting_entries = {state: {} for state in kept}
+    fresh: list[Progress] = backend.progress()
+    backend._waiting_entries = kept
+    return fresh
 
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a city by the sea,",
