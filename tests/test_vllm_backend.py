@@ -8,6 +8,7 @@ the engine empty. Greedy decoding makes outputs comparable token for token.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,8 +16,8 @@ from andes.policies.base import State
 from andes.v1 import generation_pb2
 from tests.conftest import VLLM_BLOCK_SIZE as BLOCK_SIZE
 from tests.conftest import VLLM_KV_BLOCKS as KV_BLOCKS
-from tests.vllm_support import PROMPTS, Run, greedy, plan, spec
-from worker.engine import RequestSpec
+from tests.vllm_support import PROMPTS, Run, fresh_progress, greedy, plan, spec
+from worker.engine import Progress, RequestSpec
 
 
 @pytest.fixture
@@ -92,6 +93,82 @@ def test_engine_initiated_preemptions_are_reported_and_parked(backend: object) -
     assert run.forced, "KV must have run out"
     assert sorted(run.finished) == sorted(ids)
     assert all(len(run.tokens[r]) == 60 for r in ids)
+
+
+def test_a_paused_request_keeps_its_batch_slot_from_queued_ones(backend: Any) -> None:
+    """vLLM admits into its batch up to a limit of its own and checks the batch against
+    another: a pause lowers both, else a queued request takes the paused one's slot and
+    vLLM's check fails the step."""
+    run = Run(backend)
+    specs = [spec(f"slot {i}", 20, ignore_eos=True) for i in range(10)]  # 8 batch slots
+    backend.add(specs)
+    backend.apply(plan(admit=tuple(s.request_id for s in specs)))
+    run.step()
+    running = [r for r, s in run.states().items() if s == State.RUNNING]
+    assert len(running) == 8
+    backend.apply(plan(pause=(running[0],)))
+    for _ in range(3):
+        run.step()
+        states = list(run.states().values())
+        assert (states.count(State.RUNNING), states.count(State.PAUSED)) == (7, 1)
+    backend.apply(plan(resume=(running[0],)))
+    run.until_done()
+    assert len(run.finished) == 10 and all(len(t) == 20 for t in run.tokens.values())
+
+
+def test_changes_keep_a_listing_of_the_held_requests_whole(backend: Any) -> None:
+    """What an engine process sends its worker after a step: the requests with KV, listed
+    afresh, and those without that may have moved. A listing kept up to date from these alone
+    (less what finished or was cancelled) is, step by step, what the engine lists afresh,
+    and its count agrees: through a queue for batch slots, admissions, engine preemptions,
+    plans that preempt, pause and resume, and cancels."""
+    run = Run(backend)
+    view: dict[str, Progress] = {p.request_id: p for p in backend.progress()}
+
+    def follow() -> None:
+        with_kv, without_kv, count = backend.progress_changes()
+        view.update((p.request_id, p) for p in (*with_kv, *without_kv))
+        for gone in run.finished:
+            view.pop(gone, None)
+        assert len(view) - len(with_kv) == count
+        assert sorted(view.values()) == sorted(fresh_progress(backend))
+
+    # 12 x (prompt + 70 tokens) is more KV than 12 blocks of 32, and more than 8 batch slots.
+    specs = [spec(PROMPTS[i % len(PROMPTS)], 70, ignore_eos=True) for i in range(12)]
+    ids = [s.request_id for s in specs]
+    backend.add(specs)
+    follow()
+    backend.apply(plan(admit=tuple(ids[:10])))
+    follow()
+    for _ in range(6):
+        run.step()
+        follow()
+    running = [p.request_id for p in backend.progress() if p.state == State.RUNNING]
+    backend.apply(plan(preempt=(running[0],), pause=(running[1],), admit=tuple(ids[10:])))
+    follow()
+    for _ in range(4):
+        run.step()
+        follow()
+    queued = [p.request_id for p in backend.progress() if p.state == State.QUEUED]
+    done = backend.cancel((running[2], *queued[:1]))
+    for d in done:
+        view.pop(d.request_id)
+    follow()
+    backend.apply(plan(resume=(running[1], running[0])))
+    follow()
+    while True:
+        while backend.has_work():
+            run.step()
+            follow()
+            assert run.steps < 2000
+        states = run.states()
+        if not states:
+            break
+        backend.apply(plan(resume=tuple(r for r, s in states.items() if s == State.PREEMPTED),
+                           admit=tuple(r for r, s in states.items() if s == State.WAITING)))
+        follow()
+    assert run.forced, "KV must have run out"
+    assert len(run.finished) == len(ids) - len(done)
 
 
 def test_cancel_during_decode_frees_kv_at_once(backend: object) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from andes.latency import LatencyProfile
 from andes.policies.base import PreemptionMode, State
@@ -163,4 +163,16 @@ class Engine(Protocol):
 
     def progress(self) -> list[Progress]:
         """Every request the engine holds."""
+        ...
+
+
+@runtime_checkable
+class ReportsProgressChanges(Protocol):
+    """An engine that can tell which held requests may have changed, for an engine process
+    that sends its worker only what changed (:mod:`worker.engine_process`)."""
+
+    def progress_changes(self) -> tuple[list[Progress], list[Progress], int]:
+        """The held requests that hold KV, listed afresh; those without KV that may have
+        joined, left or changed queue since the last call; and how many are held without
+        KV (a listing kept up to date from these is complete when its count matches)."""
         ...

@@ -65,6 +65,7 @@ from worker.engine import (
     Finished,
     PlanSpec,
     Progress,
+    ReportsProgressChanges,
     RequestSpec,
     StepOutcome,
     TokenRun,
@@ -425,6 +426,8 @@ class _EngineCore:
         self.conn = conn
         self.ahead: _Ahead | None = None
         self.step_wanted = False
+        self.list_changes = (engine.progress_changes
+                             if isinstance(engine, ReportsProgressChanges) else None)
         self.progress_sent: dict[str, Progress] = {}
         """The held requests as the worker knows them once it has read every answer sent
         (their counts of tokens aside: the worker counts those from the tokens)."""
@@ -478,20 +481,32 @@ class _EngineCore:
         # count of tokens: a step of a small model decoding its batch (a listing and its
         # comparison cost about 5% of such a step with 256 requests held).
         if self.held_changed:
-            # As they are now: a plan taken in after the step shows.
-            listed = self.engine.progress()
-            sent = self.progress_sent
-            # A backend hands out the same entry again for a request it has not touched
-            # (every queued one): most are skipped by identity, without comparing fields.
-            changed = [p for p in listed if (known := sent.get(p[0])) is not p
-                       and (known is None or known[2] != p[2] or known[3] != p[3])]
-            now = {p.request_id: p for p in listed}
-            removed = list(sent.keys() - now.keys())
-            self.progress_sent = now
+            changed, removed = self.held_changes()
             self.held_changed = False
         runs, outcome.tokens = outcome.tokens, []
         self.conn.send(("step", True, outcome, (changed, removed, _columns(runs)),
                         self.state()))
+
+    def held_changes(self) -> tuple[list[Progress], list[str]]:
+        """The held requests whose state or KV blocks changed since the worker last heard of
+        them, and those gone without finishing; as they are now (a plan taken in after the
+        step shows). From the engine's changes where it reports them and they account for
+        every request held, else from a listing of them all."""
+        sent = self.progress_sent
+        if self.list_changes is not None:
+            with_kv, without_kv, without_kv_count = self.list_changes()
+            changed = _changed(sent, [*with_kv, *without_kv])
+            joined = sum(p[0] not in sent for p in changed)
+            if len(sent) + joined - len(with_kv) == without_kv_count:
+                sent.update((p[0], p) for p in changed)
+                return changed, []
+            log.debug("the engine's changes miss some of its held requests: listing them all")
+        listed = self.engine.progress()
+        changed = _changed(sent, listed)
+        now = {p.request_id: p for p in listed}
+        removed = list(sent.keys() - now.keys())
+        self.progress_sent = now
+        return changed, removed
 
     def take(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -565,6 +580,14 @@ class _EngineCore:
         outcome.forced_preemptions = [r for r in outcome.forced_preemptions if r not in gone]
         return [replace(done, generated_tokens=done.generated_tokens - unsent[done.request_id])
                 for done in result]
+
+
+def _changed(sent: dict[str, Progress], listed: list[Progress]) -> list[Progress]:
+    """The entries of ``listed`` whose state or KV blocks differ from ``sent``'s. A backend
+    hands out the same entry again for a request it has not touched (every queued one):
+    most are skipped by identity, without comparing fields."""
+    return [p for p in listed if (known := sent.get(p[0])) is not p
+            and (known is None or known[2] != p[2] or known[3] != p[3])]
 
 
 _TokenColumns = tuple[tuple[str, ...], tuple[int, ...], tuple[tuple[int, ...], ...],

@@ -136,6 +136,8 @@ class VllmBackend:
             state: {} for state in (State.QUEUED, State.WAITING, State.PREEMPTED)}
         """Per state without KV, vLLM's internal id -> the request's progress as last listed
         in it: kept until the request makes tokens (then dropped here)."""
+        self._with_kv_listed: set[str] = set()
+        """The requests with KV at the last ``progress_changes``."""
         from worker.vllm_profile import default_profile, measure_profile
 
         self.profile: LatencyProfile = (
@@ -277,24 +279,61 @@ class VllmBackend:
         ]
 
     def progress(self) -> list[Progress]:
-        # By queue rather than asking each request where it is: this runs after every step,
-        # over every held request.
+        # By queue rather than asking each request where it is: with a thousand held this
+        # listing costs a few percent of a small model's step.
+        sched = self.scheduler
+        with_kv = self._with_kv()
+        # A listing of all supersedes the changes noted so far (``progress_changes``).
+        sched.take_moved()
+        self._with_kv_listed = {p.request_id for p in with_kv}
+        return [
+            *with_kv,
+            *self._listed_waiting(sched.waiting, State.QUEUED),
+            *self._listed_waiting(sched.kv_holding_waiting, State.QUEUED),
+            *self._listed_waiting(sched.held.values(), State.WAITING),
+            *self._listed_waiting(sched.parked.values(), State.PREEMPTED),
+        ]
+
+    def progress_changes(self) -> tuple[list[Progress], list[Progress], int]:
+        """The held requests that hold KV (running, paused), listed afresh; those without KV
+        that may have joined, left or changed queue since the last call (the scheduler
+        notes them, and a request that held KV then and holds none now is one); and how many
+        are held without KV. An engine process sends its worker only what changed after
+        most steps: this lists the batch and the few requests that moved, where listing
+        every held request took 0.5 ms of a 9 ms step with a thousand queued (tiny model)."""
+        sched = self.scheduler
+        with_kv = self._with_kv()
+        moved = sched.take_moved()
+        listed = {p.request_id for p in with_kv}
+        internal = self._internal
+        moved.update(internal[rid] for rid in self._with_kv_listed - listed if rid in internal)
+        self._with_kv_listed = listed
+        without_kv = [entry for request_id in moved
+                      if (entry := self._without_kv_entry(request_id)) is not None]
+        return with_kv, without_kv, sched.without_kv_count()
+
+    def _with_kv(self) -> list[Progress]:
         sched = self.scheduler
         external = self._external
-        running = [
+        return [
             Progress(rid, self._emitted[rid], state, sched.kv_blocks_of(request.request_id))
             for requests, state in ((sched.running, State.RUNNING),
                                     (sched.paused.values(), State.PAUSED))
             for request in requests
             if (rid := external.get(request.request_id)) is not None
         ]
-        return [
-            *running,
-            *self._listed_waiting(sched.waiting, State.QUEUED),
-            *self._listed_waiting(sched.kv_holding_waiting, State.QUEUED),
-            *self._listed_waiting(sched.held.values(), State.WAITING),
-            *self._listed_waiting(sched.parked.values(), State.PREEMPTED),
-        ]
+
+    def _without_kv_entry(self, request_id: str) -> Progress | None:
+        """A held request's entry where it holds no KV (None: it holds some, or is gone)."""
+        rid = self._external.get(request_id)
+        state = self.scheduler.without_kv_state(request_id)
+        if rid is None or state is None:
+            return None
+        kept = self._waiting_entries[state]
+        entry = kept.get(request_id)
+        if entry is None:
+            entry = kept[request_id] = Progress(rid, self._emitted[rid], state, 0)
+        return entry
 
     def _listed_waiting(self, requests: Iterable[Any], state: State) -> list[Progress]:
         """The progress of requests that hold no KV in ``state``. With a thousand of them

@@ -29,6 +29,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from andes.policies.base import State
 from worker.engine import PlanSpec
 
 SUPPORTED_VLLM = "0.32."
@@ -70,8 +71,12 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         self.parked: dict[str, Request] = {}
         self.paused: dict[str, Request] = {}
         self._max_seqs: int = self.max_num_running_reqs
+        self._max_admitted: int = self.max_num_active_reqs
         self._planned_preemptions: set[str] = set()
         self.last_step = StepRecord()
+        self._moved: set[str] = set()
+        """Requests that may have joined, left or changed a queue without KV since the last
+        :meth:`take_moved`: added, named by a plan, started, resumed or preempted."""
 
     # -- what it holds -----------------------------------------------------------------
 
@@ -92,6 +97,26 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         """Free blocks, counting prefix-cached ones nobody holds (they are evictable)."""
         return int(self.kv_cache_manager.block_pool.get_num_free_blocks())
 
+    def take_moved(self) -> set[str]:
+        moved, self._moved = self._moved, set()
+        return moved
+
+    def without_kv_state(self, request_id: str) -> State | None:
+        """Where a request without KV waits: QUEUED in vLLM's queues, WAITING held for
+        admission, PREEMPTED parked; None where it holds KV (runs, or is paused) or is not
+        here."""
+        request = self.requests.get(request_id)
+        if (request is None or request.is_finished() or request_id in self.paused
+                or request.status == RequestStatus.RUNNING):
+            return None
+        if request_id in self.held:
+            return State.WAITING
+        return State.PREEMPTED if request_id in self.parked else State.QUEUED
+
+    def without_kv_count(self) -> int:
+        return (len(self.waiting) + len(self.kv_holding_waiting) + len(self.held)
+                + len(self.parked))
+
     def has_runnable(self) -> bool:
         """Whether a step would compute anything: something runs or is queued for KV."""
         return bool(self.running) or bool(self.waiting) or bool(self.kv_holding_waiting)
@@ -99,6 +124,7 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
     # -- vLLM hooks ---------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
+        self._moved.add(request.request_id)
         super().add_request(request)
         if request.status == RequestStatus.WAITING and request in self.waiting:
             self.waiting.remove_request(request)
@@ -127,8 +153,11 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         return bool(super().has_requests()) or bool(self.held or self.parked or self.paused)
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        # Paused requests keep their batch slots: vLLM may not fill them with others.
-        self.max_num_running_reqs = max(0, self._max_seqs - len(self.paused))
+        # Paused requests keep their batch slots: vLLM may not fill them with others (it
+        # admits into RUNNING up to its own limit, and checks the batch against the other).
+        slots = max(0, self._max_seqs - len(self.paused))
+        self.max_num_running_reqs = slots
+        self.max_num_active_reqs = min(self._max_admitted, slots)
         output: SchedulerOutput = super().schedule(*args, **kwargs)
         preempted = set(output.preempted_req_ids or ())
         forced = [rid for rid in preempted - self._planned_preemptions if rid in self.requests]
@@ -139,6 +168,9 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
                 self._park(request)
         self._planned_preemptions.clear()
         cached = output.scheduled_cached_reqs
+        self._moved.update(new.req_id for new in output.scheduled_new_reqs)
+        self._moved.update(cached.resumed_req_ids)
+        self._moved.update(preempted)
         self.last_step = StepRecord(
             scheduled_tokens=dict(output.num_scheduled_tokens), forced_preemptions=forced,
             moved=bool(output.scheduled_new_reqs or cached.resumed_req_ids or preempted
@@ -152,6 +184,7 @@ class PlanScheduler(Scheduler):  # type: ignore[misc]
         """Apply a plan, in vLLM's internal request ids, at an iteration boundary; actions
         that no longer apply are skipped (preemption is always recompute: V1 has no swap)."""
         now = time.monotonic()
+        self._moved.update(*(plan.preempt, plan.pause, plan.resume, plan.admit))
         for rid in plan.preempt:
             self._preempt(rid, now)
         for rid in plan.pause:
