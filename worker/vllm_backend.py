@@ -325,15 +325,8 @@ class VllmBackend:
 
     def _without_kv_entry(self, request_id: str) -> Progress | None:
         """A held request's entry where it holds no KV (None: it holds some, or is gone)."""
-        rid = self._external.get(request_id)
         state = self.scheduler.without_kv_state(request_id)
-        if rid is None or state is None:
-            return None
-        kept = self._waiting_entries[state]
-        entry = kept.get(request_id)
-        if entry is None:
-            entry = kept[request_id] = Progress(rid, self._emitted[rid], state, 0)
-        return entry
+        return None if state is None else self._waiting_entry(request_id, state)
 
     def _listed_waiting(self, requests: Iterable[Any], state: State) -> list[Progress]:
         """The progress of requests that hold no KV in ``state``. With a thousand of them
@@ -341,18 +334,19 @@ class VllmBackend:
         every step cost a tenth of a small model's step; an entry depends only on the
         request's tokens so far, which do not change while it waits, so it is kept until the
         request makes tokens."""
+        return [entry for request in requests
+                if (entry := self._waiting_entry(request.request_id, state)) is not None]
+
+    def _waiting_entry(self, request_id: str, state: State) -> Progress | None:
+        """The kept entry of a request without KV in ``state`` (None: not one of ours)."""
         kept = self._waiting_entries[state]
-        listed = []
-        for request in requests:
-            progress = kept.get(request.request_id)
-            if progress is None:
-                rid = self._external.get(request.request_id)
-                if rid is None:
-                    continue
-                progress = kept[request.request_id] = Progress(
-                    rid, self._emitted[rid], state, 0)
-            listed.append(progress)
-        return listed
+        entry = kept.get(request_id)
+        if entry is None:
+            rid = self._external.get(request_id)
+            if rid is None:
+                return None
+            entry = kept[request_id] = Progress(rid, self._emitted[rid], state, 0)
+        return entry
 
     def _drop_waiting_entries(self, internal: str) -> None:
         for kept in self._waiting_entries.values():
