@@ -222,9 +222,17 @@ def test_stop_strings_end_the_response(backend: object) -> None:
     stopped = spec(PROMPTS[1], 40, ignore_eos=True, stop=[stop])
     backend.add([stopped])  # type: ignore[attr-defined]
     backend.apply(plan(admit=(stopped.request_id,)))  # type: ignore[attr-defined]
-    run.until_idle()
+    while stopped.request_id not in run.finished:
+        run.step()
     assert run.finished[stopped.request_id] == generation_pb2.FINISH_REASON_STOP
     assert run.text[stopped.request_id] == text[: text.index(stop)]
+    # The engine stopped computing it with the step that met the stop string (its KV is
+    # free), and no token after the one that completed the stop string was streamed.
+    assert not backend.has_work()  # type: ignore[attr-defined]
+    assert backend.kv_blocks_free == backend.kv_blocks_total  # type: ignore[attr-defined]
+    assert len(run.tokens[stopped.request_id]) < len(run.tokens[free.request_id])
+    assert run.tokens[free.request_id][:len(run.tokens[stopped.request_id])] == run.tokens[
+        stopped.request_id]
 
 
 def test_incremental_text_is_the_decoded_response(backend: object) -> None:
