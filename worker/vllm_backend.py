@@ -411,12 +411,10 @@ class ResumedText:
 def sampling_params(payload: Mapping[bytes, bytes], max_tokens: int) -> Any:
     """vLLM ``SamplingParams`` from the payload's ``sampling`` JSON (see gateway.payload)."""
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
 
     sampling: dict[str, Any] = json.loads(payload.get(b"sampling", b"{}") or b"{}")
     options: dict[str, Any] = {
         "max_tokens": max_tokens,
-        "output_kind": RequestOutputKind.DELTA,
         "stop": list(sampling.get("stop") or []),
         "ignore_eos": bool(sampling.get("ignore_eos", False)),
     }
