@@ -250,7 +250,10 @@ class VllmBackend:
         """The core's new tokens as the outcome's token runs and finishes: what vLLM's
         ``OutputProcessor.process_outputs`` does for a streamed request with neither
         logprobs nor statistics (detokenize, match stop strings, drop tokens after a stop
-        string, abort a request its stop string ended), without building its outputs."""
+        string, abort a request its stop string ended), without building its outputs. It
+        uses the output processor's request states as vLLM 0.32 keeps them
+        (``worker.vllm_scheduler`` refuses other versions; the stop-string and text tests pin
+        the behaviour)."""
         states = self._engine.output_processor.request_states
         external = self._external
         stopped: list[str] = []
