@@ -19,16 +19,16 @@ after the one being computed, a cancel frees KV before the next step starts.
 Protocol (one pickled tuple per message, each answer after the messages before it):
 
 * ``("call", method, args)`` for ``cancel`` and ``progress``: answered with
-  ``("reply", ok, value, None, state)`` once the step being computed (if any) is done;
+  ``("reply", ok, value, state)`` once the step being computed (if any) is done;
 * ``("add", specs)`` and ``("apply", plan)``: not answered, so the worker never waits for a
   step to end to hand over requests or a plan (in a burst of arrivals, waiting for each
   add's answer idled the engine for about a third of its time). Requests the engine refuses
   go back with the next step's answer, as finished; a plan the engine cannot apply is logged
   by the child, which goes on with the last one (a bug, but not a reason to stop serving);
 * ``("step",)``: answered with the outcome computed ahead (or computed now, if none was), as
-  ``("step", ok, outcome, (changed, removed, tokens), state)`` (in plain values: the
-  outcome's fields, the changed requests and the token runs as columns), or
-  ``("idle", True, refused, None, state)`` when there is nothing to compute (a plan paused
+  ``("step", ok, answer, state)`` (the outcome, the changed requests and those gone,
+  in plain values: :func:`_answer`), or
+  ``("idle", True, refused, state)`` when there is nothing to compute (a plan paused
   everything meanwhile, or every request added was refused).
 
 ``state`` is the engine's ``has_work()`` and ``kv_blocks_free`` when the answer leaves, so the
@@ -109,7 +109,7 @@ class _Facts:
 
 _State = tuple[bool, int]
 """The engine's ``has_work()`` and ``kv_blocks_free``: plain values, as everything a step's
-answer carries (see :func:`_columns`)."""
+answer carries (see :func:`_answer`)."""
 
 
 class EngineProcess:
@@ -166,15 +166,15 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self._process.pid
 
-    def _exchange(self, message: tuple[Any, ...]) -> tuple[str, bool, Any, Any]:
+    def _exchange(self, message: tuple[Any, ...]) -> tuple[str, bool, Any]:
         self._send(message)
         try:
-            kind, ok, value, extra, state = self._conn.recv()
+            kind, ok, value, state = self._conn.recv()
         except (EOFError, OSError) as err:
             raise self._died() from err
         self._state = state
         self._news_sent = False
-        return kind, ok, value, extra
+        return kind, ok, value
 
     def _send(self, message: tuple[Any, ...]) -> None:
         try:
@@ -187,7 +187,7 @@ class EngineProcess:
 
     def _call(self, method: str, *args: Any) -> Any:
         self._progress_current = False
-        _, ok, value, _ = self._exchange(("call", method, args))
+        _, ok, value = self._exchange(("call", method, args))
         if not ok:
             raise value
         return value
@@ -220,16 +220,14 @@ class EngineProcess:
 
     def step(self, now_s: float) -> StepOutcome:
         """The engine's next step: usually computed while the caller handled the last one."""
-        kind, ok, value, extra = self._exchange(("step",))
+        kind, ok, value = self._exchange(("step",))
         if kind == "idle":
             refused: list[Finished] = value
             self._held.difference_update(done.request_id for done in refused)
             return StepOutcome(start_s=now_s, duration_s=0.0, idle=True, finished=refused)
         if not ok:
             raise value
-        changed_columns, removed, runs = extra
-        outcome = _outcome(value, _runs(runs))
-        changed = _progress(changed_columns)
+        outcome, changed, removed = _from_answer(value)
         held = self._progress
         for request_id in removed:
             held.pop(request_id, None)
@@ -466,10 +464,10 @@ class _EngineCore:
         ahead, self.ahead, self.step_wanted = self.ahead, None, False
         refused, self.refused = self.refused, []
         if ahead is None:
-            self.conn.send(("idle", True, refused, None, self.state()))
+            self.conn.send(("idle", True, refused, self.state()))
             return
         if ahead.outcome is None:
-            self.conn.send(("step", False, ahead.error, None, self.state()))
+            self.conn.send(("step", False, ahead.error, self.state()))
             return
         outcome = ahead.outcome
         outcome.finished.extend(refused)
@@ -483,9 +481,7 @@ class _EngineCore:
         if self.held_changed:
             changed, removed = self.held_changes()
             self.held_changed = False
-        self.conn.send(("step", True, _outcome_values(outcome),
-                        (_progress_columns(changed), removed, _columns(outcome.tokens)),
-                        self.state()))
+        self.conn.send(("step", True, _answer(outcome, changed, removed), self.state()))
 
     def held_changes(self) -> tuple[list[Progress], list[str]]:
         """The held requests whose state or KV blocks changed since the worker last heard of
@@ -545,9 +541,9 @@ class _EngineCore:
             elif method == "progress":
                 self.progress_sent = {p.request_id: p for p in value}
                 self.held_changed = False
-            reply = ("reply", True, value, None, self.state())
+            reply = ("reply", True, value, self.state())
         except Exception as err:
-            reply = ("reply", False, _picklable(err), None, self.state())
+            reply = ("reply", False, _picklable(err), self.state())
         self.conn.send(reply)
 
     def cancelled(self, request_ids: tuple[str, ...], result: list[Finished]
@@ -607,43 +603,42 @@ def _runs(columns: _TokenColumns | tuple[()]) -> list[TokenRun]:
     return list(map(TokenRun, *columns)) if columns else []
 
 
-_OutcomeValues = tuple[float, float, list[tuple[str, int, int]], list[str], int]
+_Answer = tuple[
+    tuple[float, float, list[tuple[str, int, int]], list[str], int],
+    tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]] | tuple[()],
+    list[str],
+    _TokenColumns | tuple[()],
+]
 
 
-def _outcome_values(outcome: StepOutcome) -> _OutcomeValues:
-    """A step's outcome but its tokens, as plain values for the pipe: a dataclass pickles
-    through Python-level code, and just after a step whatever the engine's process does
-    costs several times what it costs warm (pickling the outcome took 44 us there, where the
-    whole answer pickles in 16 us warm)."""
-    return (outcome.start_s, outcome.duration_s,
-            [(done.request_id, done.reason, done.generated_tokens) for done in outcome.finished],
-            outcome.forced_preemptions, outcome.scheduled_tokens)
+def _answer(outcome: StepOutcome, changed: list[Progress], removed: list[str]) -> _Answer:
+    """A step's answer as plain values for the pipe: the outcome's fields, the changed
+    requests as columns (states as ints), the requests gone, the token runs as columns.
+    Dataclasses and enums pickle through Python-level code, and just after a step whatever
+    the engine's process does costs several times what it costs warm (pickling the outcome
+    as a dataclass took 44 us there, where the whole answer pickles in 16 us warm)."""
+    finished = [(done.request_id, done.reason, done.generated_tokens) for done in outcome.finished]
+    changed_columns: Any = ()
+    if changed:
+        request_ids, tokens, states, kv_blocks = zip(*changed, strict=True)
+        changed_columns = (request_ids, tokens, tuple(map(int, states)), kv_blocks)
+    return ((outcome.start_s, outcome.duration_s, finished, outcome.forced_preemptions,
+             outcome.scheduled_tokens), changed_columns, removed, _columns(outcome.tokens))
 
 
-def _outcome(values: _OutcomeValues, tokens: list[TokenRun]) -> StepOutcome:
+def _from_answer(answer: _Answer) -> tuple[StepOutcome, list[Progress], list[str]]:
+    """The outcome, the changed requests and the requests gone, from :func:`_answer`."""
+    values, changed_columns, removed, runs = answer
     start_s, duration_s, finished, forced_preemptions, scheduled_tokens = values
-    return StepOutcome(start_s, duration_s, tokens=tokens,
-                       finished=[Finished(*done) for done in finished],
-                       forced_preemptions=forced_preemptions, scheduled_tokens=scheduled_tokens)
-
-
-_ProgressColumns = tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-
-
-def _progress_columns(entries: list[Progress]) -> _ProgressColumns | tuple[()]:
-    """Progress entries as columns, states as plain ints (an enum pickles through Python
-    code, as a named tuple does)."""
-    if not entries:
-        return ()
-    request_ids, tokens, states, kv_blocks = zip(*entries, strict=True)
-    return request_ids, tokens, tuple(map(int, states)), kv_blocks
-
-
-def _progress(columns: _ProgressColumns | tuple[()]) -> list[Progress]:
-    if not columns:
-        return []
-    request_ids, tokens, states, kv_blocks = columns
-    return list(map(Progress, request_ids, tokens, map(State, states), kv_blocks))
+    outcome = StepOutcome(start_s, duration_s, tokens=_runs(runs),
+                          finished=[Finished(*done) for done in finished],
+                          forced_preemptions=forced_preemptions,
+                          scheduled_tokens=scheduled_tokens)
+    changed: list[Progress] = []
+    if changed_columns:
+        request_ids, tokens, states, kv_blocks = changed_columns
+        changed = list(map(Progress, request_ids, tokens, map(State, states), kv_blocks))
+    return outcome, changed, removed
 
 
 def _picklable(err: BaseException) -> BaseException:

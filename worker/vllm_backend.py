@@ -254,7 +254,8 @@ class VllmBackend:
         uses the output processor's request states as vLLM 0.32 keeps them
         (``worker.vllm_scheduler`` refuses other versions; the stop-string and text tests pin
         the behaviour)."""
-        states = self._engine.output_processor.request_states
+        processor = self._engine.output_processor
+        states = processor.request_states
         external = self._external
         stopped: list[str] = []
         for output in core_outputs:
@@ -279,7 +280,7 @@ class VllmBackend:
                         if resumed is None else resumed.extend(token_ids, final=reason is not None))
                 outcome.tokens.append(TokenRun(rid, index, tuple(token_ids), text))
             if reason is not None:
-                self._engine.output_processor._finish_request(state)
+                processor._finish_request(state)
                 if not output.finished:
                     stopped.append(internal)
                 outcome.finished.append(Finished(
