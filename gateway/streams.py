@@ -8,6 +8,14 @@ per stream and fans decoded :class:`~andes.tokenstream.TokenChunk` s out to per-
 Readers are added as the number of live streams grows, so connections scale with
 ``streams / keys_per_reader``, not with streams.
 
+Waiting and started streams: a request's stream stays empty while the request waits for the
+engine, and under a burst most do. Every XREAD names all its keys (with their last ids), so a
+reader whose keys are mostly empty streams would send and Redis would check hundreds of idle
+keys on every engine step, for the few that moved. A new subscription therefore joins a
+*waiting* reader, which returns only when one of its streams gets its first entry (or a
+subscription joins); the reader then moves that stream to a *started* reader, which reads the
+streams that are producing tokens. The XREADs issued once per engine step name only those.
+
 Joining a blocked ``XREAD``: a new subscription must not wait for the current block to time
 out, so every reader also reads its own small *wake stream*; :meth:`StreamHub.subscribe` appends
 to it, which ends the block at once. The reader tracks the wake stream's last id (never ``$``),
@@ -79,6 +87,8 @@ class _Feed:
     """Queue full: the reader skips this key until the consumer drains it."""
     closed: bool = False
     reader: _Reader | None = None
+    started: bool = False
+    """An entry has been read: the feed belongs to a started reader."""
 
 
 class Subscription:
@@ -173,6 +183,11 @@ class StreamHub:
         return sum(len(reader.feeds) for reader in self._readers)
 
     @property
+    def started(self) -> int:
+        """Subscriptions whose stream has begun (read by the started readers)."""
+        return sum(feed.started for reader in self._readers for feed in reader.feeds)
+
+    @property
     def paused(self) -> int:
         """Subscriptions whose key is not being read because their consumer is behind."""
         return sum(feed.paused for reader in self._readers for feed in reader.feeds)
@@ -187,9 +202,16 @@ class StreamHub:
         if self._closed:
             raise StreamError("the stream hub is closed")
         feed = _Feed(key=key, from_index=from_index, limit=self.queue_size)
-        reader = self._reader_for(key)
-        reader.add(feed)
+        self._reader_for(feed).add(feed)
         return Subscription(feed, self)
+
+    def start(self, feed: _Feed) -> None:
+        """Move ``feed``, whose stream got its first entry, from its waiting reader to a
+        started one (which is woken to take it up from the feed's last id)."""
+        if feed.reader is not None:
+            feed.reader.remove(feed)
+        feed.started = True
+        self._reader_for(feed).add(feed)
 
     def release(self, feed: _Feed) -> None:
         feed.closed = True
@@ -207,24 +229,27 @@ class StreamHub:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.delete(*(reader.wake_key for reader in readers))
 
-    def _reader_for(self, key: str) -> _Reader:
+    def _reader_for(self, feed: _Feed) -> _Reader:
         # A reader holds each key once (XREAD takes one id per key): a second subscription to
         # the same stream (a resumed client while the first is still attached) goes elsewhere.
         for reader in self._readers:
-            if len(reader.feeds) < self.keys_per_reader and key not in reader.by_key:
+            if (reader.started == feed.started and len(reader.feeds) < self.keys_per_reader
+                    and feed.key not in reader.by_key):
                 return reader
-        reader = _Reader(self, f"{self._wake_prefix}:{len(self._readers)}")
+        reader = _Reader(self, f"{self._wake_prefix}:{len(self._readers)}", started=feed.started)
         self._readers.append(reader)
         reader.start()
         return reader
 
 
 class _Reader:
-    """One task, one blocking XREAD over its feeds' keys plus its wake stream."""
+    """One task, one blocking XREAD over its feeds' keys plus its wake stream; a waiting
+    reader (``started`` false) hands each feed whose stream begins to a started one."""
 
-    def __init__(self, hub: StreamHub, wake_key: str) -> None:
+    def __init__(self, hub: StreamHub, wake_key: str, *, started: bool) -> None:
         self.hub = hub
         self.wake_key = wake_key
+        self.started = started
         self.feeds: set[_Feed] = set()
         self.by_key: dict[str, _Feed] = {}
         self._wake_id: bytes | None = None
@@ -344,7 +369,7 @@ class _Reader:
         for entry_id, fields in entries:
             if feed.queue.qsize() >= feed.limit:
                 feed.paused = True  # re-read from last_id once the consumer catches up
-                return
+                break
             feed.last_id = _as_bytes(entry_id)
             try:
                 chunk = decode_chunk(_field_dict(fields))
@@ -360,6 +385,8 @@ class _Reader:
             if part.finish_reason:
                 self.remove(feed)  # the final entry: nothing more to read
                 return
+        if not feed.started:
+            self.hub.start(feed)
 
 
 def _raw_reply(response: Any, **options: Any) -> Any:

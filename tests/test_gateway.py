@@ -614,7 +614,7 @@ def test_stream_hub_fans_many_streams_through_few_readers(redis_url: str) -> Non
                         block_ms=4000)
         keys = [stream_key(f"r{i}", prefix) for i in range(200)]
         subscriptions = [await hub.subscribe(key) for key in keys]
-        assert hub.readers == 4
+        assert hub.readers == 4 and hub.started == 0
         async with redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 for start in range(0, 12, TOKENS_PER_CHUNK):
@@ -622,6 +622,9 @@ def test_stream_hub_fans_many_streams_through_few_readers(redis_url: str) -> Non
                     final = LENGTH if start + TOKENS_PER_CHUNK == 12 else 0
                     pipe.xadd(key, encode_chunk(TokenChunk(start, ids, "", final)))  # type: ignore[arg-type]
             await pipe.execute()
+        # Each stream moves to a started reader with its first entries: four more readers.
+        await _until(lambda: hub.started == len(keys))
+        assert hub.readers == 8
         for subscription in subscriptions:  # read slowly: queues fill, readers back off
             seen: list[int] = []
             while True:
