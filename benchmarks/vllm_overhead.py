@@ -12,10 +12,11 @@ Both run the engine on the same CPU (``--engine-cpus``, the last one by default)
 deployment would: the system's services (and this client) keep to the other CPUs, as a
 plain engine has its CPU to itself.
 
-Output tokens/s of each and their ratio (goal >= 0.9): each repeat runs a plain and a system
-half back to back (the order swapped every repeat), and the figure is the median of the
-repeats' ratios; the ratio of the two halves' medians is reported beside it. Where the
-difference goes: each pair's ratio is the product of three factors (:func:`ratio_factors`):
+Output tokens/s of each and their ratio (goal >= 0.9): plain and system runs alternate,
+starting and ending with a plain one, and each system run is compared with the plain runs
+just before and after it (their mean time); the figure is the median of these ratios, with the
+ratio of the two kinds' medians beside it. Where the difference goes: each ratio is the
+product of three factors (:func:`ratio_factors`):
 how much fuller the plain loop's batches were (its steps over the system's, for the same
 tokens), how much faster its steps were, and the share of the system's time its engine was
 stepping (the worker's step durations from its Prometheus metrics against the run's wall
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -198,29 +200,30 @@ def services_off(engine_cpus: str) -> Iterator[None]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Plain and system runs on ``args.model``, in pairs run back to back, the order swapped
-    from one pair to the next, so the machine's drift over the session (its speed moves by
-    tens of percent here) hits both halves of a pair alike; each pair's ratio, their median,
-    and the medians of each half."""
-    plain_runs, system_runs = [], []
-    for repeat in range(args.repeats):
-        plain_first = repeat % 2 == 0
-        if plain_first:
-            plain_runs.append(_plain_in_child(args))
+    """Plain and system runs on ``args.model``, alternating (plain, system, plain, ...,
+    plain): each system run against the mean of the plain runs around it, so a drift of the
+    machine's speed during the session (it moves by tens of percent here, within minutes)
+    hits both sides of a comparison alike where it is steady over the three runs; each
+    comparison's ratio, their median, and the medians of each kind."""
+    plain_runs = [_plain_in_child(args)]
+    system_runs = []
+    for _ in range(args.repeats):
         system_runs.append(run_system(args))
-        if not plain_first:
-            plain_runs.append(_plain_in_child(args))
-        print(f"  plain {plain_runs[-1]['tok_per_s']:.0f} tok/s, "
-              f"system {system_runs[-1]['tok_per_s']:.0f} tok/s "
-              f"({'plain' if plain_first else 'system'} first)", flush=True)
+        plain_runs.append(_plain_in_child(args))
+        print(f"  plain {plain_runs[-2]['tok_per_s']:.0f}, system "
+              f"{system_runs[-1]['tok_per_s']:.0f}, plain {plain_runs[-1]['tok_per_s']:.0f} "
+              "tok/s", flush=True)
+    brackets = [bracket(before, after) for before, after in itertools.pairwise(plain_runs)]
     pair_ratios = [s["tok_per_s"] / p["tok_per_s"]
-                   for p, s in zip(plain_runs, system_runs, strict=True)]
-    factors = [ratio_factors(p, s) for p, s in zip(plain_runs, system_runs, strict=True)]
+                   for p, s in zip(brackets, system_runs, strict=True)]
+    factors = [ratio_factors(p, s) for p, s in zip(brackets, system_runs, strict=True)]
     plain = statistics.median(r["tok_per_s"] for r in plain_runs)
     system = statistics.median(r["tok_per_s"] for r in system_runs)
     return {
         "plain_tok_per_s_median": plain,
         "system_tok_per_s_median": system,
+        "pairing": "each system run against the mean time of the plain runs before and "
+                   "after it",
         "ratio_median_of_pairs": statistics.median(pair_ratios),
         "ratio_system_over_plain": system / plain,
         "ratio_per_repeat": pair_ratios,
@@ -234,6 +237,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "plain_runs": plain_runs,
         "system_runs": system_runs,
     }
+
+
+def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Two plain runs as one: their mean time and mean steps (the same tokens), so that
+    tokens/s and the mean step keep their meaning and :func:`ratio_factors` stays exact."""
+    seconds = (before["seconds"] + after["seconds"]) / 2
+    steps = (before["steps"] + after["steps"]) / 2
+    return {"tokens": before["tokens"], "seconds": seconds, "steps": steps,
+            "tok_per_s": before["tokens"] / seconds, "mean_step_s": seconds / steps}
 
 
 def ratio_factors(plain: dict[str, Any], system: dict[str, Any]) -> dict[str, float]:
@@ -285,7 +297,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-blocks", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="system runs per model, each between two plain runs (default 3)")
     parser.add_argument("--engine-cpus", default=default_engine_cpus(),
                         help="CPUs of the engine, plain and in the system, where the services "
                              "keep off (taskset -c list; empty: no pinning; default: the "
