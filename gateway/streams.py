@@ -208,6 +208,8 @@ class StreamHub:
     def start(self, feed: _Feed) -> None:
         """Move ``feed``, whose stream got its first entry, from its waiting reader to a
         started one (which is woken to take it up from the feed's last id)."""
+        if self._closed:
+            return  # closing fails every feed where it is; a new reader would outlive it
         if feed.reader is not None:
             feed.reader.remove(feed)
         feed.started = True

@@ -648,6 +648,11 @@ def test_stream_hub_fans_many_streams_through_few_readers(redis_url: str) -> Non
         idle.close()
         keys.append(fresh_key)
         await hub.close()
+        # A stream that begins while the hub closes stays where closing fails it.
+        hub.start(idle._feed)
+        readers_after_close = hub.readers
+        await hub.close()  # stops a reader start() might have made
+        assert readers_after_close == 0
         await redis.delete(*keys)
         await redis.aclose()
 
