@@ -87,8 +87,6 @@ class _Feed:
     """Queue full: the reader skips this key until the consumer drains it."""
     closed: bool = False
     reader: _Reader | None = None
-    started: bool = False
-    """An entry has been read: the feed belongs to a started reader."""
 
 
 class Subscription:
@@ -185,7 +183,7 @@ class StreamHub:
     @property
     def started(self) -> int:
         """Subscriptions whose stream has begun (read by the started readers)."""
-        return sum(feed.started for reader in self._readers for feed in reader.feeds)
+        return sum(len(reader.feeds) for reader in self._readers if reader.started)
 
     @property
     def paused(self) -> int:
@@ -202,7 +200,7 @@ class StreamHub:
         if self._closed:
             raise StreamError("the stream hub is closed")
         feed = _Feed(key=key, from_index=from_index, limit=self.queue_size)
-        self._reader_for(feed).add(feed)
+        self._reader_for(key, started=False).add(feed)
         return Subscription(feed, self)
 
     def start(self, feed: _Feed) -> None:
@@ -212,8 +210,7 @@ class StreamHub:
             return  # closing fails every feed where it is; a new reader would outlive it
         if feed.reader is not None:
             feed.reader.remove(feed)
-        feed.started = True
-        self._reader_for(feed).add(feed)
+        self._reader_for(feed.key, started=True).add(feed)
 
     def release(self, feed: _Feed) -> None:
         feed.closed = True
@@ -231,14 +228,14 @@ class StreamHub:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.delete(*(reader.wake_key for reader in readers))
 
-    def _reader_for(self, feed: _Feed) -> _Reader:
+    def _reader_for(self, key: str, *, started: bool) -> _Reader:
         # A reader holds each key once (XREAD takes one id per key): a second subscription to
         # the same stream (a resumed client while the first is still attached) goes elsewhere.
         for reader in self._readers:
-            if (reader.started == feed.started and len(reader.feeds) < self.keys_per_reader
-                    and feed.key not in reader.by_key):
+            if (reader.started == started and len(reader.feeds) < self.keys_per_reader
+                    and key not in reader.by_key):
                 return reader
-        reader = _Reader(self, f"{self._wake_prefix}:{len(self._readers)}", started=feed.started)
+        reader = _Reader(self, f"{self._wake_prefix}:{len(self._readers)}", started=started)
         self._readers.append(reader)
         reader.start()
         return reader
@@ -387,7 +384,7 @@ class _Reader:
             if part.finish_reason:
                 self.remove(feed)  # the final entry: nothing more to read
                 return
-        if not feed.started:
+        if not self.started:
             self.hub.start(feed)
 
 
