@@ -22,6 +22,12 @@ tokens), how much faster its steps were, and the share of the system's time its 
 stepping (the worker's step durations from its Prometheus metrics against the run's wall
 time).
 
+Between the two, each repeat also runs **the engine alone**: the system's engine as its worker
+starts it (the vllm backend in a process of its own, same flags and CPUs), driven by a bare
+loop with no service running. Its ratio to the plain runs around it is what the backend and
+the process split cost (or save); the system's ratio to it is what the services around the
+engine cost, split into the same three factors.
+
 Two models by default (``andes model tiny --shape``): ``tiny``, whose steps are a few
 milliseconds of framework overhead (every service's per-token CPU competes with it on a small
 machine), and ``small``, whose steps cost compute, as a real model's do on its accelerator.
@@ -110,6 +116,50 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
             "steps": steps, "mean_step_s": elapsed / steps, "first_token_s": first_token}
+
+
+def run_engine_alone(args: argparse.Namespace) -> dict[str, Any]:
+    """Child process: the system's engine as a worker starts it (the vllm backend in a
+    process of its own on ``--engine-cpus``, the same flags), driven by a bare loop in place
+    of the worker: every request added and admitted at once, then stepped until done, with
+    no service running. Against the plain loop it shows what the backend and the process
+    split cost; against the system, what the services around the engine cost."""
+    from andes.heap import settle_heap
+    from worker.cli import parse_args, worker_config
+    from worker.engine import PlanSpec, RequestSpec
+    from worker.service import start_engine
+
+    config = worker_config(parse_args(["--backend", "vllm", "--model", args.model,
+                                       *engine_flags(args), "--engine-cpus", args.engine_cpus]))
+    engine, _ = start_engine(config)
+    settle_heap()
+    sampling = json.dumps({"temperature": 0.0, "ignore_eos": True}).encode()
+    specs = [RequestSpec(f"alone-{i}", len(ids), args.max_tokens, time.time(), 1000.0, 1000.0,
+                         payload_key="", token_stream_key="",
+                         payload={b"prompt_token_ids": json.dumps(ids).encode(),
+                                  b"sampling": sampling})
+             for i, ids in enumerate(prompts(args.requests))]
+    try:
+        started = time.perf_counter()
+        engine.add(specs)
+        engine.apply(PlanSpec(version=1, admit=tuple(spec.request_id for spec in specs)))
+        tokens = steps = 0
+        engine_s = first_token = 0.0
+        while engine.has_work():
+            outcome = engine.step(time.time())
+            if outcome.idle:
+                continue
+            steps += 1
+            engine_s += outcome.duration_s
+            tokens += sum(len(run.token_ids) for run in outcome.tokens)
+            if not first_token and outcome.tokens:
+                first_token = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+    finally:
+        getattr(engine, "close", lambda: None)()
+    return {"tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+            "steps": steps, "mean_step_s": engine_s / steps, "engine_seconds": engine_s,
+            "outside_engine_fraction": 1 - engine_s / elapsed, "first_token_s": first_token}
 
 
 async def _drive(target: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -205,17 +255,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     machine's speed during the session (it moves by tens of percent here, within minutes)
     hits both sides of a comparison alike where it is steady over the three runs; each
     comparison's ratio, their median, and the medians of each kind."""
-    plain_runs = [_plain_in_child(args)]
+    plain_runs = [_in_child("--plain-only", args)]
+    alone_runs = []
     system_runs = []
     for _ in range(args.repeats):
+        alone_runs.append(_in_child("--engine-only", args))
         system_runs.append(run_system(args))
-        plain_runs.append(_plain_in_child(args))
-        print(f"  plain {plain_runs[-2]['tok_per_s']:.0f}, system "
-              f"{system_runs[-1]['tok_per_s']:.0f}, plain {plain_runs[-1]['tok_per_s']:.0f} "
-              "tok/s", flush=True)
+        plain_runs.append(_in_child("--plain-only", args))
+        print(f"  plain {plain_runs[-2]['tok_per_s']:.0f}, engine alone "
+              f"{alone_runs[-1]['tok_per_s']:.0f}, system {system_runs[-1]['tok_per_s']:.0f}, "
+              f"plain {plain_runs[-1]['tok_per_s']:.0f} tok/s", flush=True)
     brackets = [bracket(before, after) for before, after in itertools.pairwise(plain_runs)]
     pair_ratios = [s["tok_per_s"] / p["tok_per_s"]
                    for p, s in zip(brackets, system_runs, strict=True)]
+    alone_ratios = [a["tok_per_s"] / p["tok_per_s"]
+                    for p, a in zip(brackets, alone_runs, strict=True)]
+    services_ratios = [s["tok_per_s"] / a["tok_per_s"]
+                       for a, s in zip(alone_runs, system_runs, strict=True)]
+    services_factors = [ratio_factors(a, s) for a, s in zip(alone_runs, system_runs,
+                                                            strict=True)]
     factors = [ratio_factors(p, s) for p, s in zip(brackets, system_runs, strict=True)]
     plain = statistics.median(r["tok_per_s"] for r in plain_runs)
     system = statistics.median(r["tok_per_s"] for r in system_runs)
@@ -234,7 +292,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_factors_per_repeat": factors,
         "ratio_factors_median": {name: statistics.median(f[name] for f in factors)
                                  for name in factors[0]},
+        "engine_alone_over_plain_per_repeat": alone_ratios,
+        "engine_alone_over_plain_median": statistics.median(alone_ratios),
+        "system_over_engine_alone_per_repeat": services_ratios,
+        "system_over_engine_alone_median": statistics.median(services_ratios),
+        "system_over_engine_alone_factors_median": {
+            name: statistics.median(f[name] for f in services_factors)
+            for name in services_factors[0]},
         "plain_runs": plain_runs,
+        "engine_alone_runs": alone_runs,
         "system_runs": system_runs,
     }
 
@@ -248,25 +314,31 @@ def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             "tok_per_s": before["tokens"] / seconds, "mean_step_s": seconds / steps}
 
 
-def ratio_factors(plain: dict[str, Any], system: dict[str, Any]) -> dict[str, float]:
-    """A pair's ratio as the product of where it goes (exactly: the plain loop is busy
-    stepping all its time, and the system's time is its engine's divided by its busy share):
+def ratio_factors(reference: dict[str, Any], system: dict[str, Any]) -> dict[str, float]:
+    """A pair's ratio as the product of where it goes, exactly: each run's time is its
+    engine's (steps x mean step) divided by its busy share. The reference is the plain loop
+    (busy stepping all its time: its mean step is its time over its steps) or the engine
+    alone (busy as its loop leaves it):
 
-    * ``batch_fill``: plain steps / system steps, the same tokens in more steps when the
+    * ``batch_fill``: reference steps / system steps, the same tokens in more steps when the
       batch fills later (arrivals through the services) and drains as staggered;
-    * ``step_speed``: plain mean step / system mean step, steps slowed by what runs beside
-      them;
-    * ``engine_busy``: the share of the system's time its engine was stepping."""
+    * ``step_speed``: reference mean step / system mean step, steps slowed by what runs
+      beside them;
+    * ``engine_busy``: the share of the system's time its engine was stepping, over the
+      reference's."""
+    reference_busy = 1 - reference.get("outside_engine_fraction", 0.0)
     return {
-        "batch_fill": plain["steps"] / system["steps"],
-        "step_speed": plain["mean_step_s"] / system["mean_step_s"],
-        "engine_busy": 1 - system["outside_engine_fraction"],
+        "batch_fill": reference["steps"] / system["steps"],
+        "step_speed": reference["mean_step_s"] / system["mean_step_s"],
+        "engine_busy": (1 - system["outside_engine_fraction"]) / reference_busy,
     }
 
 
-def _plain_in_child(args: argparse.Namespace) -> dict[str, Any]:
+def _in_child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A plain (``--plain-only``) or engine-alone (``--engine-only``) run in a process of its
+    own, so its memory is gone before the next run starts."""
     child = subprocess.run(
-        [sys.executable, __file__, "--plain-only", "--model", args.model,
+        [sys.executable, __file__, kind, "--model", args.model,
          "--engine-cpus", args.engine_cpus,
          "--requests", str(args.requests), "--max-tokens", str(args.max_tokens),
          "--max-batch", str(args.max_batch), "--kv-blocks", str(args.kv_blocks),
@@ -305,9 +377,13 @@ def main() -> None:
                              "last CPU where there are two or more)")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_only:
         print(json.dumps(run_plain(args)))
+        return
+    if args.engine_only:
+        print(json.dumps(run_engine_alone(args)))
         return
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -328,7 +404,7 @@ def main() -> None:
     document = {
         "command": "python benchmarks/vllm_overhead.py " + " ".join(sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items()
-                     if k not in ("json", "plain_only", "model", "requests")},
+                     if k not in ("json", "plain_only", "engine_only", "model", "requests")},
         "models": results,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -345,7 +421,12 @@ def main() -> None:
               f"{result['outside_engine_fraction_median']:.1%}; ratio = "
               + " x ".join(f"{name} {value:.3f}"
                            for name, value in result["ratio_factors_median"].items())
-              + " (medians); CPU seconds in one run: "
+              + f" (medians); the engine alone (its process, no services) / plain = "
+              f"{result['engine_alone_over_plain_median']:.3f}, system / engine alone = "
+              f"{result['system_over_engine_alone_median']:.3f} ("
+              + " x ".join(f"{name} {value:.3f}" for name, value
+                           in result["system_over_engine_alone_factors_median"].items())
+              + "); CPU seconds in one run: "
               + ", ".join(f"{n} {sec:.1f}" for n, sec in sorted(cpu.items(), key=lambda x: -x[1])))
 
 

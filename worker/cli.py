@@ -151,13 +151,9 @@ async def _main(args: argparse.Namespace, config: WorkerConfig, engine: Engine,
     await service.run(stop)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    config = WorkerConfig(
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The worker's settings from its parsed command line."""
+    return WorkerConfig(
         worker_id=args.worker_id,
         scheduler=args.scheduler,
         redis_url=args.redis,
@@ -187,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             measure_profile=not args.no_measure_profile,
         ) if args.model else None,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = worker_config(args)
     try:
         config.scheduler_tls.load()  # checked before the engine's slow start
     except TlsError as err:
