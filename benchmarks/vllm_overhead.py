@@ -250,11 +250,12 @@ def services_off(engine_cpus: str) -> Iterator[None]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Plain and system runs on ``args.model``, alternating (plain, system, plain, ...,
-    plain): each system run against the mean of the plain runs around it, so a drift of the
-    machine's speed during the session (it moves by tens of percent here, within minutes)
-    hits both sides of a comparison alike where it is steady over the three runs; each
-    comparison's ratio, their median, and the medians of each kind."""
+    """Plain, engine-alone and system runs on ``args.model``, alternating (plain, engine
+    alone, system, plain, ..., plain): each system (and engine-alone) run against the mean of
+    the plain runs around it, so a drift of the machine's speed during the session (it moves
+    by tens of percent here, within minutes) hits both sides of a comparison alike where it
+    is steady over the runs between; each comparison's ratio, their median, and the medians
+    of each kind; and each system run against the engine-alone run just before it."""
     plain_runs = [_in_child("--plain-only", args)]
     alone_runs = []
     system_runs = []
