@@ -267,15 +267,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
               f"{alone_runs[-1]['tok_per_s']:.0f}, system {system_runs[-1]['tok_per_s']:.0f}, "
               f"plain {plain_runs[-1]['tok_per_s']:.0f} tok/s", flush=True)
     brackets = [bracket(before, after) for before, after in itertools.pairwise(plain_runs)]
-    pair_ratios = [s["tok_per_s"] / p["tok_per_s"]
-                   for p, s in zip(brackets, system_runs, strict=True)]
-    alone_ratios = [a["tok_per_s"] / p["tok_per_s"]
-                    for p, a in zip(brackets, alone_runs, strict=True)]
-    services_ratios = [s["tok_per_s"] / a["tok_per_s"]
-                       for a, s in zip(alone_runs, system_runs, strict=True)]
+    pair_ratios = _ratios(brackets, system_runs)
+    alone_ratios = _ratios(brackets, alone_runs)
+    services_ratios = _ratios(alone_runs, system_runs)
+    factors = [ratio_factors(p, s) for p, s in zip(brackets, system_runs, strict=True)]
     services_factors = [ratio_factors(a, s) for a, s in zip(alone_runs, system_runs,
                                                             strict=True)]
-    factors = [ratio_factors(p, s) for p, s in zip(brackets, system_runs, strict=True)]
     plain = statistics.median(r["tok_per_s"] for r in plain_runs)
     system = statistics.median(r["tok_per_s"] for r in system_runs)
     return {
@@ -291,19 +288,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "outside_engine_fraction_median": statistics.median(
             r["outside_engine_fraction"] for r in system_runs),
         "ratio_factors_per_repeat": factors,
-        "ratio_factors_median": {name: statistics.median(f[name] for f in factors)
-                                 for name in factors[0]},
+        "ratio_factors_median": _median_factors(factors),
         "engine_alone_over_plain_per_repeat": alone_ratios,
         "engine_alone_over_plain_median": statistics.median(alone_ratios),
         "system_over_engine_alone_per_repeat": services_ratios,
         "system_over_engine_alone_median": statistics.median(services_ratios),
-        "system_over_engine_alone_factors_median": {
-            name: statistics.median(f[name] for f in services_factors)
-            for name in services_factors[0]},
+        "system_over_engine_alone_factors_median": _median_factors(services_factors),
         "plain_runs": plain_runs,
         "engine_alone_runs": alone_runs,
         "system_runs": system_runs,
     }
+
+
+def _ratios(references: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[float]:
+    """Each run's tokens/s over its reference's, repeat by repeat."""
+    return [run["tok_per_s"] / reference["tok_per_s"]
+            for reference, run in zip(references, runs, strict=True)]
+
+
+def _median_factors(factors: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.median(f[name] for f in factors) for name in factors[0]}
 
 
 def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
