@@ -6,13 +6,15 @@ object this backend can hand plans to between steps. Async scheduling is off so 
 for step N meets a state in which step N-1 has fully settled. vLLM objects are not
 thread-safe: the loop calls every method from its one engine thread (``blocking``).
 
-Tokenization happens here (vLLM's renderer) and so does detokenization, by vLLM's incremental
-detokenizer, which never splits a multi-byte character and matches stop strings. A step runs
-the engine core and hands each request's new tokens to its detokenizer (:meth:`VllmBackend.
-_decode`), not through vLLM's output processor, which also builds a ``RequestOutput`` per
-request and step for callers this backend does not have: with the tiny model on the CPU that
-cost about 0.8 ms of a 10 ms step. Start-up measures the engine's own latency profile
-(:mod:`worker.vllm_profile`) and the scheduler plans this worker with it.
+Tokenization happens here (vLLM's renderer) and so does detokenization, never splitting a
+multi-byte character: for a byte-level BPE tokenizer by a table of each token's bytes
+(:mod:`worker.byte_text`), else, and for responses with stop strings (which it matches), by
+vLLM's incremental detokenizer. A step runs the engine core and decodes each request's new
+tokens itself (:meth:`VllmBackend._decode`), not through vLLM's output processor, which also
+builds a ``RequestOutput`` per request and step for callers this backend does not have: with
+the tiny model on the CPU that cost about 0.8 ms of a 10 ms step. Start-up measures the
+engine's own latency profile (:mod:`worker.vllm_profile`) and the scheduler plans this worker
+with it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from andes.latency import LatencyProfile
 from andes.policies.base import State
 from andes.v1 import generation_pb2
+from worker.byte_text import ResponseText, byte_table
 from worker.engine import Finished, PlanSpec, Progress, RequestSpec, StepOutcome, TokenRun
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,11 @@ class VllmBackend:
         """Wire request id -> index of its next token in the response."""
         self._resumed: dict[str, ResumedText] = {}
         """Requests moved here from another worker: their text is decoded here."""
+        self._byte_table = self._tokenizer_byte_table()
+        """Each token's bytes, where the tokenizer is byte-level (else None)."""
+        self._texts: dict[str, ResponseText] = {}
+        """vLLM's internal id -> the text of a response decoded from ``_byte_table`` (one
+        without stop strings, not moved here)."""
         self._stalled = False
         """Runnable requests exist but the last step computed nothing: wait for a change."""
         self._waiting_entries: dict[State, dict[str, Progress]] = {
@@ -168,6 +176,17 @@ class VllmBackend:
     def max_num_seqs(self) -> int:
         return self.config.max_num_seqs
 
+    def _tokenizer_byte_table(self) -> tuple[bytes, ...] | None:
+        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+        tokenizer = self._engine.get_tokenizer()
+        if not uses_fast_detokenizer(tokenizer):
+            return None
+        table = byte_table(tokenizer._tokenizer, self._engine.model_config.get_vocab_size())
+        log.info("responses without stop strings are decoded %s",
+                 "by vLLM" if table is None else "from the byte-level vocabulary's bytes")
+        return table
+
     def tokenize(self, text: str) -> list[int]:
         tokenizer = self._engine.get_tokenizer()
         return list(tokenizer.encode(text, add_special_tokens=True))
@@ -188,6 +207,10 @@ class VllmBackend:
         try:
             prompt_ids = self._prompt_ids(spec)
             params = sampling_params(spec.payload or {}, left)
+            # Decoded here from the bytes of its tokens, unless vLLM has to match stop strings.
+            table = None if params.stop else self._byte_table
+            if table is not None:
+                params.detokenize = False
             prompt = self._engine.renderer.render_cmpl([{"prompt_token_ids": prompt_ids}])[0]
             internal = self._engine.add_request(
                 spec.request_id, prompt, params, arrival_time=spec.arrival_unix_s
@@ -204,6 +227,8 @@ class VllmBackend:
             self._resumed[spec.request_id] = ResumedText(
                 self._engine.get_tokenizer(), spec.generated_token_ids, spec.generated_text
             )
+        elif table is not None:
+            self._texts[internal] = ResponseText(table)
         self._stalled = False
         return None
 
@@ -253,10 +278,12 @@ class VllmBackend:
         string, abort a request its stop string ended), without building its outputs. It
         uses the output processor's request states as vLLM 0.32 keeps them
         (``worker.vllm_scheduler`` refuses other versions; the stop-string and text tests pin
-        the behaviour)."""
+        the behaviour). A response decoded here (``_texts``) leaves out the text of a token
+        that stopped it (an end-of-sequence token), as vLLM's detokenizer does."""
         processor = self._engine.output_processor
         states = processor.request_states
         external = self._external
+        texts = self._texts
         stopped: list[str] = []
         for output in core_outputs:
             internal = output.request_id
@@ -266,18 +293,26 @@ class VllmBackend:
                 continue  # aborted meanwhile
             token_ids = output.new_token_ids
             reason = output.finish_reason
+            response_text = texts.get(internal)
             detokenizer = state.detokenizer
-            tokens_before = detokenizer.num_output_tokens()
-            if detokenizer.update(token_ids, reason == STOP) is not None:
-                reason = STOP
-                del token_ids[detokenizer.num_output_tokens() - tokens_before:]
+            if response_text is None:
+                tokens_before = detokenizer.num_output_tokens()
+                if detokenizer.update(token_ids, reason == STOP) is not None:
+                    reason = STOP
+                    del token_ids[detokenizer.num_output_tokens() - tokens_before:]
             if token_ids:
                 self._drop_waiting_entries(internal)
                 index = self._emitted[rid]
                 self._emitted[rid] = index + len(token_ids)
+                final = reason is not None
                 resumed = self._resumed.get(rid)
-                text = (detokenizer.get_next_output_text(reason is not None, True)
-                        if resumed is None else resumed.extend(token_ids, final=reason is not None))
+                if resumed is not None:
+                    text = resumed.extend(token_ids, final=final)
+                elif response_text is not None:
+                    text = response_text.extend(
+                        token_ids[:-1] if reason == STOP else token_ids, final=final)
+                else:
+                    text = detokenizer.get_next_output_text(final, True)
                 outcome.tokens.append(TokenRun(rid, index, tuple(token_ids), text))
             if reason is not None:
                 processor._finish_request(state)
@@ -292,6 +327,7 @@ class VllmBackend:
     def _forget(self, request_id: str) -> int:
         internal = self._internal.pop(request_id)
         del self._external[internal]
+        self._texts.pop(internal, None)
         self._drop_waiting_entries(internal)
         self._resumed.pop(request_id, None)
         return self._emitted.pop(request_id)
