@@ -38,6 +38,9 @@ class GatewayConfig:
     key_limits: KeyLimits = field(default_factory=KeyLimits)
     """Each API key's limits unless its key file line says otherwise (without keys: the one
     anonymous key's, shared by every client); 0: unlimited."""
+    grpc_acceptors: int = 4
+    """gRPC servers on the listen port, each accepting new calls on its share of the
+    connections (see :func:`gateway.server.pending_call_options`)."""
     stalled_client_timeout_s: float = 0.0
     """Cancel a stream (and abort its request) whose client accepted no message for this long
     (0: never; memory stays bounded either way, see :mod:`gateway.service`)."""
@@ -144,6 +147,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
          _bounded(float, 0))
     flag("--key-max-streams", "ANDES_KEY_MAX_STREAMS", "0",
          "concurrent generation streams per API key (0: unlimited)", _bounded(int, 0))
+    flag("--grpc-acceptors", "ANDES_GATEWAY_GRPC_ACCEPTORS", "4",
+         "gRPC servers sharing the listen port, each accepting new calls on its share of "
+         "the client connections (a burst of calls is taken in this many at a time)",
+         _bounded(int, 1))
     flag("--stalled-client-timeout-s", "ANDES_GATEWAY_STALLED_CLIENT_TIMEOUT_S", "0",
          "cancel a stream whose client accepted no message for this long, aborting its "
          "request (0: never)", _bounded(float, 0))
@@ -199,6 +206,7 @@ def parse_config(argv: Sequence[str] | None = None,
         limits=limits,
         api_keys_file=args.api_keys_file or None,
         key_limits=key_limits,
+        grpc_acceptors=int(args.grpc_acceptors),
         stalled_client_timeout_s=float(args.stalled_client_timeout_s),
         metrics_port=int(args.metrics_port),
         drain_seconds=float(args.drain_seconds),

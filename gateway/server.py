@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable
 
 import grpc
 import redis.asyncio as aioredis
@@ -54,23 +55,36 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 2),
+    # The gateway's gRPC servers share its port (``--grpc-acceptors``); gRPC's own default
+    # on Linux, stated because they depend on it.
+    ("grpc.so_reuseport", 1),
 ]
 
 PENDING_CALLS_MIN = 4096
 """The least room grpc-core's queue of calls not yet accepted by grpc.aio gets (see
 :func:`pending_call_options`)."""
 
+UNACCEPTED_CALL_WAIT_S = 600
+"""How long a call may wait in that queue (grpc-core's default: 30 s)."""
+
 
 def pending_call_options(max_streams: int) -> list[tuple[str, int]]:
     """Room in grpc-core's queue of calls that arrived but that grpc.aio has not accepted yet.
 
-    grpc.aio accepts calls one at a time from the event loop (one ``request_call`` in flight),
-    so a burst of new streams queues in grpc-core until the loop gets to them. grpc-core guards
-    that queue with random early drop: past ``grpc.server.max_pending_requests`` (default
-    1,000) it kills a new call with probability rising to 1 at
-    ``grpc.server.max_pending_requests_hard_limit`` (default 3,000). A killed call never reaches
-    the application: the client gets a bare CANCELLED and the gateway cannot log, count or
-    answer it. That is what ended 7-66% of 2,000 streams opened at once.
+    grpc.aio accepts calls one at a time per server from the event loop (one ``request_call``
+    in flight, which takes several turns of the loop to come back and be made again), so a
+    burst of new streams queues in grpc-core until the loop gets to them: while the gateway
+    streams on a shared CPU its turns are long, and it took 1,024 calls in at about 75 a
+    second. Hence several servers share the port (``--grpc-acceptors``), each accepting on
+    its share of the connections; and a call waits in the queue up to
+    ``UNACCEPTED_CALL_WAIT_S`` (or its own deadline), not grpc-core's 30 s, after which it
+    was dropped as a bare CANCELLED (seen with 1,024 calls at once on a slow host).
+
+    grpc-core also guards that queue with random early drop: past
+    ``grpc.server.max_pending_requests`` (default 1,000) it kills a new call with probability
+    rising to 1 at ``grpc.server.max_pending_requests_hard_limit`` (default 3,000). A killed
+    call never reaches the application: the client gets a bare CANCELLED and the gateway
+    cannot log, count or answer it. That is what ended 7-66% of 2,000 streams opened at once.
 
     Both limits are set to one value, at least twice ``--max-streams``: a burst up to the
     gateway's own stream limit (and as many again beyond it) waits in the queue for the loop,
@@ -82,6 +96,7 @@ def pending_call_options(max_streams: int) -> list[tuple[str, int]]:
     return [
         ("grpc.server.max_pending_requests", limit),
         ("grpc.server.max_pending_requests_hard_limit", limit),
+        ("grpc.server_max_unrequested_time_in_server", UNACCEPTED_CALL_WAIT_S),
     ]
 
 
@@ -134,7 +149,8 @@ class Gateway:
         self.http_address = ""
         """The HTTP API's bound ``host:port`` (empty while it is off)."""
         self._redis: aioredis.Redis | None = None
-        self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
+        """The gRPC servers sharing the listen port (``config.grpc_acceptors``)."""
         self._http: HttpApi | None = None
         self._health: health.aio.HealthServicer | None = None
         self._service: GenerationService | None = None
@@ -193,37 +209,51 @@ class Gateway:
             key_limits=config.key_limits,
             stalled_client_timeout_s=config.stalled_client_timeout_s,
         )
-        server = grpc.aio.server(options=[
-            *SERVER_OPTIONS, *server_options(config.limits),
-            *pending_call_options(config.max_streams),
-        ])
-        GrpcApi(self._service).add_to_server(server)
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        try:
-            port = add_port(server, config.listen, self._tls)
-        except RuntimeError as err:
-            raise StartupError(f"cannot listen on {config.listen}: {err}") from err
-        if port == 0:
-            raise StartupError(f"cannot listen on {config.listen}")
-        self._server = server
-        await server.start()
+        api = GrpcApi(self._service)
+        host = config.listen.rpartition(":")[0] or "127.0.0.1"
+        listen = config.listen
+        for _ in range(config.grpc_acceptors):
+            # The first binds the configured port (maybe 0: any), the others the same one.
+            server = self._grpc_server(api)
+            try:
+                port = add_port(server, listen, self._tls)
+            except RuntimeError as err:
+                raise StartupError(f"cannot listen on {listen}: {err}") from err
+            if port == 0:
+                raise StartupError(f"cannot listen on {listen}")
+            self._servers.append(server)
+            listen = f"{host}:{port}"
+        for server in self._servers:
+            await server.start()
         self._drain = drain_grpc_notifications()
         if config.http_listen:
             await self._start_http(self._service)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._reporter.start()
-        host = config.listen.rpartition(":")[0] or "127.0.0.1"
         if config.metrics_port:
             self.metrics.serve(config.metrics_port, host.strip("[]"))
         self.address = f"{host}:{port}"
         log.info("gateway %s serving on %s, HTTP %s (scheduler %s)", self.gateway_id,
                  self.address, self.http_address or "off", config.scheduler)
         return self.address
+
+    def _grpc_server(self, api: GrpcApi) -> grpc.aio.Server:
+        """One of the gRPC servers sharing the listen port (``SO_REUSEPORT``: the kernel
+        spreads the client connections over them), each with every service."""
+        config = self.config
+        assert self._health is not None
+        server = grpc.aio.server(options=[
+            *SERVER_OPTIONS, *server_options(config.limits),
+            *pending_call_options(config.max_streams),
+        ])
+        api.add_to_server(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
 
     async def _start_http(self, service: GenerationService) -> None:
         config = self.config
@@ -260,9 +290,7 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
-        servers = []
-        if self._server is not None:
-            servers.append(self._server.stop(grace_s))
+        servers: list[Awaitable[None]] = [server.stop(grace_s) for server in self._servers]
         if self._http is not None:
             servers.append(self._http.stop())
         await asyncio.gather(*servers)
@@ -282,8 +310,7 @@ class Gateway:
         self.metrics.stop_serving()
 
     async def wait_for_termination(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        await asyncio.gather(*(server.wait_for_termination() for server in self._servers))
 
     async def _wait_for_redis(self, client: aioredis.Redis) -> None:
         deadline = time.monotonic() + REDIS_STARTUP_S

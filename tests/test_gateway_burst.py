@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from gateway.grpc_events import NotificationDrain
 from gateway.server import pending_call_options
 from tests.test_gateway import cluster
@@ -60,12 +62,45 @@ def test_a_burst_of_2000_streams_is_served_without_a_single_cancelled(redis_url:
     assert completed == streams  # and the gateway saw every one of them
 
 
+def test_every_connection_is_served_whichever_server_of_the_port_takes_it(
+    redis_url: str,
+) -> None:
+    """The gateway's gRPC servers share its port (``--grpc-acceptors``) and the kernel hands
+    each new connection to one of them: every one serves generation, health and reflection."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from andes.v1 import generation_pb2, generation_pb2_grpc
+
+    async def one_connection(address: str) -> tuple[int, int, int]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            health_stub = health_pb2_grpc.HealthStub(channel)
+            status = await health_stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
+            request = generation_pb2.GenerateRequest(prompt="hi", max_tokens=3)
+            tokens = sum([len(r.token_ids) async for r in stub.Generate(request, timeout=10)])
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answers = [a async for a in reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)]
+            return status.status, tokens, len(answers[0].list_services_response.service)
+
+    async def body() -> list[tuple[int, int, int]]:
+        async with cluster(redis_url, hold_prefix="", grpc_acceptors=4) as c:
+            return await asyncio.gather(*(one_connection(c.gateway.address) for _ in range(24)))
+
+    results = asyncio.run(asyncio.wait_for(body(), BUDGET_S))
+    assert results == [(health_pb2.HealthCheckResponse.SERVING, 3, 3)] * 24
+
+
 def test_the_queue_of_calls_not_yet_accepted_holds_twice_the_stream_limit() -> None:
     options = dict(pending_call_options(4096))
     assert options["grpc.server.max_pending_requests"] == 8192
     assert options["grpc.server.max_pending_requests_hard_limit"] == 8192
     # Never below grpc-core's own hard limit, whatever the stream limit.
-    assert min(dict(pending_call_options(10)).values()) >= 3000
+    assert min(dict(pending_call_options(10))[name] for name in (
+        "grpc.server.max_pending_requests", "grpc.server.max_pending_requests_hard_limit")) >= 3000
+    # A call waits there longer than grpc-core's 30 s before it is dropped.
+    assert options["grpc.server_max_unrequested_time_in_server"] >= 300
 
 
 def test_the_notification_drain_leaves_grpc_exactly_one_byte() -> None:
