@@ -56,6 +56,7 @@ import grpc
 
 from andes.up import ClusterConfig, LocalCluster, cpu_seconds, free_port
 from andes.v1 import generation_pb2, generation_pb2_grpc
+from loadgen.driver import CHANNEL_OPTIONS
 from worker.engine_process import parse_cpus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vllm_overhead.json"
@@ -163,7 +164,8 @@ def run_engine_alone(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _drive(target: str, args: argparse.Namespace) -> dict[str, Any]:
-    channels = [grpc.aio.insecure_channel(target) for _ in range(8)]
+    # Eight connections of their own, as eight clients' (grpc-core otherwise shares one).
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(8)]
     stubs = [generation_pb2_grpc.GenerationServiceStub(c) for c in channels]  # type: ignore[no-untyped-call]
     last_token = [0.0]
     first_token = [0.0]
