@@ -95,6 +95,4 @@ class ResponseText:
         """The text the tokens add; ``final``: the response ends with them (an incomplete
         character left over becomes U+FFFD)."""
         table = self._table
-        data = b"".join([table[t] for t in token_ids])
-        text: str = self._utf8.decode(data, final)
-        return text
+        return self._utf8.decode(b"".join([table[t] for t in token_ids]), final)
